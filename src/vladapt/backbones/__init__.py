@@ -1,0 +1,29 @@
+"""Frozen CLIP backbones with insertion points for trainable modules."""
+
+from vladapt.backbones.loader import (
+    TINY_CONFIGS,
+    Backbone,
+    Tokenizer,
+    available_backbones,
+    load_clip,
+    read_checkpoint,
+    weights_fingerprint,
+)
+from vladapt.backbones.model import CLIPConfig, CLIPModel, TextConfig, VisionConfig
+from vladapt.backbones.points import (
+    POINT_KINDS,
+    TOWERS,
+    ForwardContext,
+    InsertionPoint,
+    ScaledResidual,
+    TokenLayout,
+    grad_scale,
+)
+from vladapt.backbones.transforms import CLIP_MEAN, CLIP_STD, test_transform, train_transform
+
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "POINT_KINDS", "TINY_CONFIGS", "TOWERS", "Backbone", "CLIPConfig", "CLIPModel",
+    "ForwardContext", "InsertionPoint", "ScaledResidual", "TextConfig", "TokenLayout", "Tokenizer", "VisionConfig",
+    "available_backbones", "grad_scale", "load_clip", "read_checkpoint", "test_transform", "train_transform",
+    "weights_fingerprint",
+]

@@ -1,0 +1,436 @@
+"""A compact CLIP (ViT image tower + causal text transformer) with insertion points.
+
+Why not wrap open_clip's blocks: they use ``nn.MultiheadAttention``, which with frozen weights under
+bf16 re-materializes its fused input projection for a non-contiguous input in every block and runs
+several times slower than fp32 on CPU. This implementation keeps everything batch-first, uses one
+fused q/k/v projection on a contiguous input and ``scaled_dot_product_attention``.
+
+Parameter names equal open_clip's (and OpenAI's) state-dict keys for the standard CLIP ViT, so
+checkpoints of either load with ``load_state_dict`` unchanged; ``tests/test_backbone_identity.py``
+checks that the outputs match open_clip's own ``encode_image`` / ``encode_text``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vladapt.backbones.points import POINT_KINDS, TOWERS, ForwardContext, InsertionPoint, TokenLayout
+from vladapt.errors import BackboneError
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head_width
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_size // self.patch_size, self.image_size // self.patch_size)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    quick_gelu: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+        return cls(
+            embed_dim=int(d["embed_dim"]),
+            vision=VisionConfig(**d["vision"]),
+            text=TextConfig(**d["text"]),
+            quick_gelu=bool(d.get("quick_gelu", False)),
+        )
+
+    @classmethod
+    def from_open_clip(cls, name: str, cfg: dict[str, Any], quick_gelu: bool | None = None) -> "CLIPConfig":
+        """Translate an open_clip model config; features this implementation lacks are an error."""
+        v, t = dict(cfg.get("vision_cfg", {})), dict(cfg.get("text_cfg", {}))
+        unsupported = []
+        if cfg.get("custom_text") or t.get("hf_model_name"):
+            unsupported.append("Hugging Face / custom text tower")
+        if v.get("timm_model_name") or not isinstance(v.get("layers", 12), int):
+            unsupported.append("timm or ResNet image tower")
+        for key, ok in (
+            ("ls_init_value", None), ("attentional_pool", False), ("no_ln_pre", False),
+            ("final_ln_after_pool", False), ("qk_norm", False), ("scaled_cosine_attn", False),
+            ("scale_heads", False), ("scale_attn_inner", False), ("scale_attn", False), ("scale_fc", False),
+            ("act_kwargs", None), ("norm_kwargs", None),
+        ):
+            if v.get(key, ok) != ok:
+                unsupported.append(f"vision_cfg.{key}={v[key]!r}")
+            if t.get(key, ok) != ok:
+                unsupported.append(f"text_cfg.{key}={t[key]!r}")
+        if v.get("pool_type", "tok") != "tok":
+            unsupported.append(f"vision_cfg.pool_type={v['pool_type']!r}")
+        if v.get("pos_embed_type", "learnable") != "learnable":
+            unsupported.append(f"vision_cfg.pos_embed_type={v['pos_embed_type']!r}")
+        if t.get("pool_type", "argmax") != "argmax" or t.get("embed_cls") or t.get("no_causal_mask"):
+            unsupported.append("text pooling other than the causal EOT (argmax) token")
+        if t.get("proj_bias") or t.get("proj_type", "linear") != "linear":
+            unsupported.append("text projection with bias or of another type")
+        if "init_logit_bias" in cfg:
+            unsupported.append("logit bias (SigLIP)")
+        image_size, patch_size = v.get("image_size", 224), v.get("patch_size", 16)
+        if not isinstance(image_size, int) or not isinstance(patch_size, int):
+            unsupported.append("non-square image or patch size")
+        if unsupported:
+            raise BackboneError(
+                f"open_clip model {name!r} uses features vladapt's CLIP does not implement: "
+                + "; ".join(unsupported)
+                + ". Supported: standard CLIP ViT image towers (CLS token, patch grid) with a causal text transformer, "
+                "e.g. ViT-B-16, ViT-B-16-quickgelu, ViT-B-32, ViT-L-14."
+            )
+        return cls(
+            embed_dim=int(cfg["embed_dim"]),
+            vision=VisionConfig(
+                image_size=image_size,
+                patch_size=patch_size,
+                width=int(v.get("width", 768)),
+                layers=int(v.get("layers", 12)),
+                head_width=int(v.get("head_width", 64)),
+                mlp_ratio=float(v.get("mlp_ratio", 4.0)),
+            ),
+            text=TextConfig(
+                context_length=int(t.get("context_length", 77)),
+                vocab_size=int(t.get("vocab_size", 49408)),
+                width=int(t.get("width", 512)),
+                heads=int(t.get("heads", 8)),
+                layers=int(t.get("layers", 12)),
+                mlp_ratio=float(t.get("mlp_ratio", 4.0)),
+            ),
+            quick_gelu=bool(cfg.get("quick_gelu", False) if quick_gelu is None else quick_gelu),
+        )
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the storage dtype (as OpenAI's CLIP does), cast back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, batch-first, parameters named like ``nn.MultiheadAttention``'s."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise BackboneError(f"width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
+        b, n, d = x.shape
+        qkv = F.linear(x.contiguous(), self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.c_proj = nn.Linear(hidden, width)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with the ``attn_in``, ``mlp_hidden`` and ``block`` insertion points."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool,
+                 tower: str, index: int, layout: TokenLayout) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = MLP(width, hidden)
+        self.act: nn.Module = QuickGELU() if quick_gelu else nn.GELU()
+        self.causal = tower == "text"
+        self.points = {
+            "attn_in": InsertionPoint(tower, "attn_in", index, width, layout),
+            "mlp_hidden": InsertionPoint(tower, "mlp_hidden", index, hidden, layout),
+            "block": InsertionPoint(tower, "block", index, width, layout),
+        }
+        # Attached modules are owned (and registered) by the method, not by the backbone: the
+        # backbone's state dict and parameter list stay exactly those of the frozen CLIP.
+        self.attached: dict[str, nn.Module] = {}
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        attached = self.attached
+        h = self.ln_1(x)
+        if "attn_in" in attached:
+            h = attached["attn_in"](h, ctx).to(h.dtype)
+        y = x + self.attn(h, causal=self.causal)
+        u = self.mlp.c_fc(self.ln_2(y))
+        if "mlp_hidden" in attached:
+            u = attached["mlp_hidden"](u, ctx).to(u.dtype)
+        y = y + self.mlp.c_proj(self.act(u))
+        if "block" in attached:
+            y = y + attached["block"](x, ctx).to(y.dtype)
+        return y
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool,
+                 tower: str, layout: TokenLayout) -> None:
+        super().__init__()
+        self.width = width
+        self.resblocks = nn.ModuleList(
+            [Block(width, heads, mlp_ratio, quick_gelu, tower, i, layout) for i in range(layers)]
+        )
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        for block in self.resblocks:
+            x = block(x, ctx)
+        return x
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, quick_gelu: bool) -> None:
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise BackboneError(f"image size {cfg.image_size} is not a multiple of patch size {cfg.patch_size}")
+        self.cfg = cfg
+        self.layout = TokenLayout(num_prefix=1, grid=cfg.grid)
+        w = cfg.width
+        self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(w))
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.grid[0] * cfg.grid[1] + 1, w))
+        self.ln_pre = LayerNorm(w)
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu, "visual", self.layout)
+        self.ln_post = LayerNorm(w)
+        self.proj = nn.Parameter(torch.empty(w, embed_dim))
+        self.output_point = InsertionPoint("visual", "output", None, embed_dim, None)
+        self.attached: dict[str, nn.Module] = {}
+
+    def embed(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> tokens ``[B, 1 + H*W/p^2, D]`` after ``ln_pre``."""
+        size = self.cfg.image_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
+            raise BackboneError(
+                f"expected images of shape [B, 3, {size}, {size}], got {list(images.shape)}; "
+                "use the backbone's transforms to resize"
+            )
+        x = self.conv1(images.to(self.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(x)
+
+    def forward(self, images: Tensor, ctx: ForwardContext) -> Tensor:
+        x = self.transformer(self.embed(images), ctx)
+        # LN is per token, so normalizing only the CLS token equals open_clip's LN-all-then-pool.
+        feats = self.ln_post(x[:, 0]) @ self.proj
+        if "output" in self.attached:
+            feats = self.attached["output"](feats, ctx).to(feats.dtype)
+        return feats
+
+
+class CLIPModel(nn.Module):
+    """CLIP with a ViT image tower and a causal text transformer; all methods are batch-first.
+
+    The text tower's modules sit directly on the model (``token_embedding``, ``transformer``, ...)
+    so that the state-dict keys are those of OpenAI's and open_clip's checkpoints.
+    """
+
+    def __init__(self, cfg: CLIPConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision, cfg.embed_dim, cfg.quick_gelu)
+        t = cfg.text
+        self.text_layout = TokenLayout(num_prefix=0, grid=None)
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
+        self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, cfg.quick_gelu, "text", self.text_layout)
+        self.ln_final = LayerNorm(t.width)
+        self.text_projection = nn.Parameter(torch.empty(t.width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.text_output_point = InsertionPoint("text", "output", None, cfg.embed_dim, None)
+        self.text_attached: dict[str, nn.Module] = {}
+
+    # ----------------------------------------------------------------- init
+    @torch.no_grad()
+    def init_random(self, seed: int = 0) -> "CLIPModel":
+        """Seeded random weights with CLIP's initialization scheme (for tests and pretraining)."""
+        g = torch.Generator().manual_seed(seed)
+
+        def normal_(p: Tensor, std: float) -> None:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+        for tower in (self.visual.transformer, self.transformer):
+            w, n = tower.width, len(tower.resblocks)
+            proj_std, attn_std, fc_std = (w ** -0.5) * ((2 * n) ** -0.5), w ** -0.5, (2 * w) ** -0.5
+            for blk in tower.resblocks:
+                normal_(blk.attn.in_proj_weight, attn_std)
+                normal_(blk.attn.out_proj.weight, proj_std)
+                normal_(blk.mlp.c_fc.weight, fc_std)
+                normal_(blk.mlp.c_proj.weight, proj_std)
+                for lin in (blk.attn.out_proj, blk.mlp.c_fc, blk.mlp.c_proj):
+                    lin.bias.zero_()
+                blk.attn.in_proj_bias.zero_()
+                for ln in (blk.ln_1, blk.ln_2):
+                    ln.weight.fill_(1.0)
+                    ln.bias.zero_()
+        v = self.visual
+        vw = v.cfg.width
+        normal_(v.conv1.weight, (3 * v.cfg.patch_size ** 2) ** -0.5)
+        normal_(v.class_embedding, vw ** -0.5)
+        normal_(v.positional_embedding, vw ** -0.5)
+        normal_(v.proj, vw ** -0.5)
+        normal_(self.token_embedding.weight, 0.02)
+        normal_(self.positional_embedding, 0.01)
+        normal_(self.text_projection, self.cfg.text.width ** -0.5)
+        for ln in (v.ln_pre, v.ln_post, self.ln_final):
+            ln.weight.fill_(1.0)
+            ln.bias.zero_()
+        self.logit_scale.fill_(math.log(1 / 0.07))
+        return self
+
+    # ------------------------------------------------------------- encoders
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.text.context_length
+
+    def encode_image(self, images: Tensor, ctx: ForwardContext | None = None, normalize: bool = False) -> Tensor:
+        """``[B, 3, H, W]`` -> image embeddings ``[B, E]``."""
+        feats = self.visual(images, ctx if ctx is not None else ForwardContext())
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def embed_text(self, tokens: Tensor) -> Tensor:
+        """Token ids ``[B, L]`` -> token embeddings ``[B, L, D]`` (before positional embeddings)."""
+        return self.token_embedding(tokens)
+
+    def encode_text(self, tokens: Tensor, ctx: ForwardContext | None = None, normalize: bool = False) -> Tensor:
+        """Token ids ``[B, L]`` -> text embeddings ``[B, E]``, read at the EOT (highest id) position."""
+        if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
+            raise BackboneError(
+                f"expected token ids of shape [B, {self.context_length}], got {list(tokens.shape)}; "
+                "use the backbone's tokenizer"
+            )
+        return self.encode_text_embeddings(self.embed_text(tokens), tokens.argmax(dim=-1), ctx, normalize)
+
+    def encode_text_embeddings(self, x: Tensor, eot_index: Tensor, ctx: ForwardContext | None = None,
+                               normalize: bool = False) -> Tensor:
+        """Token embeddings ``[B, L, D]`` (e.g. with learned prompt vectors) -> ``[B, E]``."""
+        ctx = ctx if ctx is not None else ForwardContext()
+        dtype = self.positional_embedding.dtype
+        x = x.to(dtype) + self.positional_embedding.to(dtype)
+        x = self.transformer(x, ctx)
+        pooled = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot_index])
+        feats = pooled @ self.text_projection
+        if "output" in self.text_attached:
+            feats = self.text_attached["output"](feats, ctx).to(feats.dtype)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    # ------------------------------------------------------- insertion API
+    def _blocks(self, tower: str) -> nn.ModuleList:
+        if tower == "visual":
+            return self.visual.transformer.resblocks
+        if tower == "text":
+            return self.transformer.resblocks
+        raise BackboneError(f"unknown tower {tower!r}; choose one of {list(TOWERS)}")
+
+    def num_layers(self, tower: str) -> int:
+        return len(self._blocks(tower))
+
+    def insertion_points(self, tower: str | None = None, kind: str | None = None,
+                         layers: Iterable[int] | None = None) -> list[InsertionPoint]:
+        """All insertion points, optionally filtered by tower, kind and 0-based block indices."""
+        if kind is not None and kind not in POINT_KINDS:
+            raise BackboneError(f"unknown insertion point kind {kind!r}; choose one of {list(POINT_KINDS)}")
+        towers = TOWERS if tower is None else (tower,)
+        wanted = None if layers is None else set(layers)
+        points: list[InsertionPoint] = []
+        for t in towers:
+            blocks = self._blocks(t)
+            if wanted is not None:
+                bad = sorted(i for i in wanted if not 0 <= i < len(blocks))
+                if bad:
+                    raise BackboneError(f"{t} tower has blocks 0..{len(blocks) - 1}; no block {bad}")
+            for i, blk in enumerate(blocks):
+                if wanted is None or i in wanted:
+                    points += [p for k, p in blk.points.items() if kind in (None, k)]
+            if kind in (None, "output"):
+                points.append(self.visual.output_point if t == "visual" else self.text_output_point)
+        return points
+
+    def _slot(self, point: InsertionPoint) -> tuple[dict[str, nn.Module], str]:
+        if point.kind == "output":
+            return (self.visual.attached if point.tower == "visual" else self.text_attached), "output"
+        blocks = self._blocks(point.tower)
+        if point.layer is None or not 0 <= point.layer < len(blocks) or point.kind not in blocks[point.layer].points:
+            raise BackboneError(f"this backbone has no insertion point {point.name}")
+        return blocks[point.layer].attached, point.kind
+
+    def attach(self, point: InsertionPoint, module: nn.Module) -> None:
+        """Attach ``module`` (called as ``module(x, ctx)``) at ``point``; one module per point."""
+        slot, key = self._slot(point)
+        if key in slot:
+            raise BackboneError(f"insertion point {point.name} already has a module; detach it first")
+        slot[key] = module
+
+    def detach(self, point: InsertionPoint) -> nn.Module | None:
+        slot, key = self._slot(point)
+        return slot.pop(key, None)
+
+    def detach_all(self) -> None:
+        for p in self.insertion_points():
+            self.detach(p)
+
+    def attached_modules(self) -> dict[str, nn.Module]:
+        """``{point name: module}`` of everything currently attached."""
+        out = {}
+        for p in self.insertion_points():
+            slot, key = self._slot(p)
+            if key in slot:
+                out[p.name] = slot[key]
+        return out
+
+    def freeze(self) -> "CLIPModel":
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self

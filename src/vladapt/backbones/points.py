@@ -1,0 +1,168 @@
+"""Insertion points, the per-forward context, the gradient-scale operator and the scaled residual.
+
+Methods attach trainable modules to a frozen backbone at named *insertion points* instead of copying
+or editing the transformer code (the PEFT idea). Per block of each tower there are three points and
+each tower has one more at its output:
+
+``attn_in``
+    the input of self-attention, i.e. ``LN1(x)``; width ``D``.
+``mlp_hidden``
+    the MLP hidden pre-activation, i.e. ``W_fc LN2(x) + b_fc``; width ``mlp_ratio * D``.
+``block``
+    parallel to the whole block: the module receives the block input and its output is *added* to
+    the block output; width ``D``.
+``output``
+    the final projected embedding of the tower, ``[B, E]``; width ``E``.
+
+An attached module is called as ``module(x, ctx)`` and returns a tensor of the same shape. Token
+tensors are batch-first ``[B, N, D]``; a visual point's :class:`TokenLayout` says where the CLS
+token is and how the patch tokens form a 2-D grid, so a spatial module can work on the grid and
+leave CLS untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+Tower = Literal["visual", "text"]
+PointKind = Literal["attn_in", "mlp_hidden", "block", "output"]
+
+TOWERS: tuple[str, ...] = ("visual", "text")
+POINT_KINDS: tuple[str, ...] = ("attn_in", "mlp_hidden", "block", "output")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Layout of the token axis of one tower.
+
+    ``num_prefix`` tokens (CLS for a ViT) come first; for the visual tower the remaining
+    ``grid[0] * grid[1]`` tokens are the patch grid in row-major order, the order in which the
+    patch-embedding convolution output is flattened. The text tower has ``grid=None``.
+    """
+
+    num_prefix: int
+    grid: tuple[int, int] | None = None
+
+    @property
+    def num_tokens(self) -> int | None:
+        if self.grid is None:
+            return None
+        return self.num_prefix + self.grid[0] * self.grid[1]
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, N, C]`` -> (prefix ``[B, P, C]``, patch grid ``[B, C, H, W]``)."""
+        if self.grid is None:
+            raise ValueError("this layout has no patch grid (text tower)")
+        h, w = self.grid
+        b, n, c = x.shape
+        if n != self.num_prefix + h * w:
+            raise ValueError(f"expected {self.num_prefix + h * w} tokens ({self.num_prefix} prefix + {h}x{w} grid), got {n}")
+        prefix = x[:, : self.num_prefix]
+        grid = x[:, self.num_prefix :].transpose(1, 2).reshape(b, c, h, w)
+        return prefix, grid
+
+    def merge(self, prefix: Tensor, grid: Tensor) -> Tensor:
+        """Inverse of :meth:`split`: (``[B, P, C]``, ``[B, C, H, W]``) -> ``[B, N, C]``."""
+        b, c, h, w = grid.shape
+        return torch.cat([prefix, grid.reshape(b, c, h * w).transpose(1, 2)], dim=1)
+
+
+@dataclass(frozen=True)
+class InsertionPoint:
+    """One place of a backbone where a method may attach a module."""
+
+    tower: str
+    kind: str
+    layer: int | None
+    width: int
+    layout: TokenLayout | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "output":
+            return f"{self.tower}.output"
+        return f"{self.tower}.blocks.{self.layer}.{self.kind}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ScaleFn = Callable[[str, int], float]
+
+
+class ForwardContext:
+    """State of one forward pass that attached modules may read from and write to.
+
+    * ``scale(point)``: a per-forward scale chosen by the method for the point's (tower, block);
+      it is drawn once per block and tower and shared by all points of that block (HeBA/LwEIB
+      slow-fast scales), or ``None`` when the method gave no scale function.
+    * ``add_aux_loss(point, value)``: per-layer auxiliary losses (e.g. RMAdapter's reconstruction
+      loss), read back with :attr:`aux_losses` / :meth:`total_aux_loss`.
+    """
+
+    def __init__(self, scale_fn: ScaleFn | None = None) -> None:
+        self._scale_fn = scale_fn
+        self._scales: dict[tuple[str, int | None], float] = {}
+        self.aux_losses: list[tuple[InsertionPoint, Tensor]] = []
+
+    def scale(self, point: InsertionPoint) -> float | None:
+        if self._scale_fn is None:
+            return None
+        key = (point.tower, point.layer)
+        if key not in self._scales:
+            self._scales[key] = float(self._scale_fn(point.tower, -1 if point.layer is None else point.layer))
+        return self._scales[key]
+
+    @property
+    def scales(self) -> dict[tuple[str, int | None], float]:
+        """The scales drawn so far in this forward pass, keyed by (tower, layer)."""
+        return dict(self._scales)
+
+    def add_aux_loss(self, point: InsertionPoint, value: Tensor) -> None:
+        self.aux_losses.append((point, value))
+
+    def total_aux_loss(self) -> Tensor | None:
+        if not self.aux_losses:
+            return None
+        return torch.stack([v.float() for _, v in self.aux_losses]).sum()
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """GS_scale(x): identity in the forward pass; multiplies the incoming gradient by ``scale``."""
+    return _GradScale.apply(x, float(scale))
+
+
+class ScaledResidual(nn.Module):
+    """R_s(h) = h + GS_{1/s}(s * B(GS_s(h))) around a branch module B.
+
+    Forward: ``h + s * B(h)``. Backward: B's output receives exactly the upstream gradient, so
+    B's parameter gradients do not depend on ``s`` (learning rate and scale are decoupled); the
+    gradient that flows back into ``h`` through the branch is ``s * J_B^T g``.
+    With ``s == 0`` the branch is skipped and ``h`` is returned unchanged.
+    """
+
+    def __init__(self, branch: nn.Module, scale: float = 1.0) -> None:
+        super().__init__()
+        self.branch = branch
+        self.scale = float(scale)
+
+    def forward(self, h: Tensor, *args, scale: float | None = None, **kwargs) -> Tensor:
+        s = self.scale if scale is None else float(scale)
+        if s == 0.0:
+            return h
+        return h + grad_scale(s * self.branch(grad_scale(h, s), *args, **kwargs), 1.0 / s)

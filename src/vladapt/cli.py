@@ -1,0 +1,196 @@
+"""The ``vladapt`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from vladapt import __version__
+from vladapt.errors import VladaptError
+
+
+def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="vladapt-test-tiny",
+                   help="backbone: a vladapt tiny config or an open_clip model name, e.g. ViT-B-16-quickgelu "
+                        "(default: %(default)s)")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip pretrained tag (e.g. openai) or a local weights file "
+                        "(OpenAI TorchScript .pt, state dict or .safetensors); default: the model's own weights "
+                        "(random for test configs)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="storage precision of the frozen backbone (default: %(default)s)")
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vladapt",
+        description="Few-shot adaptation of frozen CLIP-style vision-language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"vladapt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser("info", help="versions, available backbones, methods and datasets")
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    info.set_defaults(func=cmd_info)
+
+    zs = sub.add_parser("zeroshot", help="zero-shot CLIP accuracy on an image folder or a dataset split")
+    src = zs.add_mutually_exclusive_group(required=True)
+    src.add_argument("--folder", type=Path, help="image folder with one sub-folder per class (all images are evaluated)")
+    src.add_argument("--dataset", help="registered dataset name (see `vladapt info`); needs --root")
+    zs.add_argument("--root", type=Path, help="data root holding the dataset folders (with --dataset)")
+    zs.add_argument("--split", default="test", choices=["train", "val", "test"], help="split of --dataset (default: test)")
+    _add_backbone_args(zs)
+    zs.add_argument("--templates", default="dataset",
+                    help="'dataset' (CoOp's template for the dataset; 'a photo of a {}.' otherwise), an ensemble "
+                         "(openai_imagenet, simple_imagenet) or one template with {} for the class name")
+    zs.add_argument("--batch-size", type=int, default=64)
+    zs.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    zs.add_argument("--out", type=Path, default=None, help="result JSON (default: runs/zeroshot-<data>.json)")
+    zs.add_argument("--quiet", action="store_true", help="no progress bars")
+    zs.set_defaults(func=cmd_zeroshot)
+
+    synth = sub.add_parser("synth", help="the synthetic image-text world")
+    synth_sub = synth.add_subparsers(dest="synth_command", metavar="SUBCOMMAND", required=True)
+    folder = synth_sub.add_parser("folder", help="write a small generated image folder (one sub-folder per class)")
+    folder.add_argument("out", type=Path, help="output folder")
+    folder.add_argument("--per-class", type=int, default=8)
+    folder.add_argument("--seed", type=int, default=0)
+    folder.set_defaults(func=cmd_synth_folder)
+    return parser
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import open_clip
+    import torch
+
+    from vladapt.backbones import available_backbones
+    from vladapt.data import list_datasets
+    from vladapt.methods import list_methods
+
+    backbones = available_backbones()
+    info = {
+        "vladapt": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "backbones": backbones,
+        "methods": {name: {"trainable": m.trainable} for name, m in list_methods().items()},
+        "datasets": list_datasets(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"vladapt {info['vladapt']}  (python {info['python']}, torch {info['torch']}, open_clip {info['open_clip']}, "
+          f"CUDA {'available' if info['cuda_available'] else 'not available'})")
+    print(f"backbones, vladapt tiny configs: {', '.join(backbones['tiny'])}")
+    print(f"backbones, open_clip architectures ({len(backbones['open_clip'])}): {', '.join(backbones['open_clip'])}")
+    print("  weights: --pretrained TAG (open_clip tag, needs the hub or its cache) or --pretrained FILE")
+    print("methods: " + ", ".join(f"{n}{'' if m['trainable'] else ' (training-free)'}" for n, m in info["methods"].items()))
+    print("datasets: " + ", ".join(info["datasets"]))
+    return 0
+
+
+def _eval_items(args: argparse.Namespace):
+    """(name, dataset key, image root, items, classnames) to evaluate, from --folder or --dataset/--root."""
+    from vladapt.data import load_dataset
+    from vladapt.data.custom import load_custom
+    from vladapt.errors import ConfigError
+
+    if args.folder is not None:
+        splits = load_custom(args.folder, save_split=False)
+        return splits.name, "folder", splits.image_root, splits.train + splits.val + splits.test, splits.classnames
+    if args.root is None:
+        raise ConfigError("--dataset needs --root DIR (the folder that holds the dataset folders)")
+    splits = load_dataset(args.dataset, args.root)
+    return args.dataset, args.dataset, splits.image_root, getattr(splits, args.split), splits.classnames
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from vladapt.backbones import load_clip
+    from vladapt.data import ImageDataset
+    from vladapt.engine import evaluate
+    from vladapt.io import atomic_write_json
+    from vladapt.methods import create_method
+
+    t0 = time.perf_counter()
+    name, dataset_key, image_root, items, classnames = _eval_items(args)
+    backbone = load_clip(args.model, args.pretrained, device=args.device, dtype=_dtype(args.precision))
+    method = create_method("zeroshot", backbone, classnames,
+                           {"templates": args.templates, "dataset": None if dataset_key == "folder" else dataset_key})
+    method.progress = not args.quiet
+    loader = DataLoader(ImageDataset(items, image_root, backbone.test_transform), batch_size=args.batch_size,
+                        shuffle=False, num_workers=args.workers)
+    result = evaluate(method, loader, len(classnames), device=args.device, progress=not args.quiet, desc="zero-shot")
+    record = {
+        "vladapt_version": __version__,
+        "method": "zeroshot",
+        "backbone": {"name": backbone.name, "pretrained": backbone.pretrained, "fingerprint": backbone.fingerprint,
+                     "precision": args.precision},
+        "data": {"source": str(args.folder) if args.folder is not None else f"{args.dataset}:{args.split}",
+                 "num_images": len(items), "num_classes": len(classnames)},
+        "templates": method.templates,
+        "accuracy": result.accuracy,
+        "correct": result.correct,
+        "total": result.total,
+        "macro_f1": result.macro_f1,
+        "per_class_accuracy": {
+            c: (100.0 * k / n if n else None)
+            for c, k, n in zip(classnames, result.per_class_correct, result.per_class_total)
+        },
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    out = args.out if args.out is not None else Path("runs") / f"zeroshot-{name}.json"
+    atomic_write_json(out, record)
+    weights = backbone.pretrained or "random weights"
+    print(f"zero-shot CLIP | backbone {backbone.name} ({weights}, fingerprint {backbone.fingerprint})")
+    print(f"data {record['data']['source']}: {len(items)} images, {len(classnames)} classes, "
+          f"{len(method.templates)} template(s)")
+    print(f"accuracy {result.accuracy:.2f}% ({result.correct}/{result.total})  macro-F1 {result.macro_f1:.2f}  "
+          f"chance {100.0 / len(classnames):.2f}%")
+    width = max(len(c) for c in classnames)
+    for c, acc in record["per_class_accuracy"].items():
+        print(f"  {c:<{width}}  {'-' if acc is None else f'{acc:6.2f}%'}")
+    print(f"result written to {out}")
+    return 0
+
+
+def cmd_synth_folder(args: argparse.Namespace) -> int:
+    from vladapt.synth.datasets import write_image_folder
+
+    classes = write_image_folder(args.out, per_class=args.per_class, seed=args.seed)
+    print(f"wrote {len(classes)} classes x {args.per_class} images to {args.out}: {', '.join(classes)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except VladaptError as e:
+        print(f"vladapt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vladapt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Shared fixtures: the tiny backbone and inputs for it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from vladapt.backbones import load_clip
+
+    return load_clip("vladapt-test-tiny")
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 3, 32, 32, generator=g)
+
+
+@pytest.fixture
+def tokens(tiny):
+    return tiny.tokenizer(["a photo of a cat.", "a red star on a striped background", "dog"])
