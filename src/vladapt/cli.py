@@ -60,6 +60,34 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--quiet", action="store_true", help="no progress bars")
     zs.set_defaults(func=cmd_zeroshot)
 
+    ev = sub.add_parser("eval", help="run a method through a protocol and write result records and a table")
+    ev.add_argument("--method", default="zeroshot", help="method name (see `vladapt info`)")
+    ev.add_argument("--protocol", required=True, choices=["base2new", "cross_dataset", "dg", "fewshot"])
+    ev.add_argument("--dataset", required=True,
+                    help="dataset name (the source dataset for cross_dataset and dg, normally imagenet)")
+    ev.add_argument("--root", type=Path, required=True, help="data root holding the dataset folders")
+    ev.add_argument("--shots", type=int, nargs="+", default=[16], help="shots per class (default: 16)")
+    ev.add_argument("--seeds", type=int, nargs="+", default=[1], help="run seeds (default: 1; the field uses 1 2 3)")
+    ev.add_argument("--targets", nargs="+", default=None, help="override the target datasets of cross_dataset / dg")
+    _add_backbone_args(ev)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--workers", type=int, default=0)
+    ev.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default: runs)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="method config overrides, e.g. method.templates=openai_imagenet")
+    ev.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    check = data_sub.add_parser("check", help="report every problem of a dataset layout at once, with counts per split")
+    check.add_argument("--dataset", required=True, help="dataset name, or folder / csv / json for custom data")
+    check.add_argument("--root", type=Path, required=True,
+                       help="data root (benchmark datasets) or the image folder / list file (custom data)")
+    check.add_argument("--no-images", action="store_true", help="skip opening every image (existence is still checked)")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.set_defaults(func=cmd_data_check)
+
     synth = sub.add_parser("synth", help="the synthetic image-text world")
     synth_sub = synth.add_subparsers(dest="synth_command", metavar="SUBCOMMAND", required=True)
     folder = synth_sub.add_parser("folder", help="write a small generated image folder (one sub-folder per class)")
@@ -166,6 +194,52 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
         print(f"  {c:<{width}}  {'-' if acc is None else f'{acc:6.2f}%'}")
     print(f"result written to {out}")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vladapt.backbones import load_clip
+    from vladapt.bench.report import load_records, markdown_report
+    from vladapt.config import parse_overrides
+    from vladapt.errors import ConfigError
+    from vladapt.io import atomic_write_json, atomic_write_text
+    from vladapt.protocols.runner import RunSettings, record_path, run_protocol
+
+    overrides = parse_overrides(args.overrides)
+    unknown = sorted(set(overrides) - {"method"})
+    if unknown:
+        raise ConfigError(f"unknown override section {unknown[0]!r}; overrides look like method.KEY=VALUE")
+    backbone = load_clip(args.model, args.pretrained, device=args.device, dtype=_dtype(args.precision))
+    settings = RunSettings(backbone=backbone, root=args.root, method=args.method,
+                           method_config=overrides.get("method", {}), device=args.device,
+                           batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
+                           out_dir=args.out)
+    extra = {"targets": tuple(args.targets)} if args.targets and args.protocol in ("cross_dataset", "dg") else {}
+    for shots in args.shots:
+        for seed in args.seeds:
+            record = run_protocol(args.protocol, settings, args.dataset, shots, seed, **extra)
+            path = atomic_write_json(record_path(args.out, record), record)
+            res = record["results"]
+            if args.protocol == "base2new":
+                summary = f"base {res['base']['accuracy']:.2f}  new {res['new']['accuracy']:.2f}  HM {res['hm']:.2f}"
+            elif args.protocol == "fewshot":
+                summary = f"accuracy {res['test']['accuracy']:.2f}"
+            else:
+                summary = f"target average {res['average']:.2f}"
+            print(f"{args.method} | {args.protocol} | {args.dataset} | {shots} shots | seed {seed}: {summary}  -> {path}")
+    report = markdown_report(load_records(args.out))
+    atomic_write_text(args.out / "report.md", report)
+    print()
+    print(report)
+    print(f"table written to {args.out / 'report.md'}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from vladapt.data import check_dataset, format_report
+
+    report = check_dataset(args.dataset, args.root, verify_images=not args.no_images, quiet=args.quiet)
+    print(format_report(report))
+    return 0 if report.ok else 1
 
 
 def cmd_synth_folder(args: argparse.Namespace) -> int:

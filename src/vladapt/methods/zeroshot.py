@@ -2,55 +2,62 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from vladapt.backbones import Backbone
+from vladapt.methods.base import Method
 from vladapt.methods.classifier import ClassifierCache, build_text_classifier, weights_state
 from vladapt.methods.registry import register_method
 from vladapt.methods.templates import resolve_templates
 
 
+@dataclass
+class ZeroShotConfig:
+    templates: str | list[str] = field(
+        default="dataset",
+        metadata={"help": "'dataset' (CoOp's template of the dataset), an ensemble name "
+                          "(openai_imagenet, simple_imagenet), one template with {} or a list"})
+    dataset: str | None = field(default=None, metadata={"help": "whose CoOp template 'dataset' means"})
+    text_batch_size: int = field(default=256, metadata={"min": 1})
+
+    def validate(self) -> None:
+        resolve_templates(self.templates, self.dataset)
+
+
 @register_method("zeroshot", trainable=False)
-class ZeroShotCLIP(nn.Module):
+class ZeroShotCLIP(Method):
     """logits = exp(logit_scale) * normalize(f_img) @ W_text^T with the CLIP text classifier.
 
-    Config keys: ``templates`` (``"dataset"`` = CoOp's per-dataset template (default), an ensemble
-    name such as ``openai_imagenet``, a template string or a list) and ``dataset`` (which dataset's
-    CoOp template to use).
+    The classifier is cached and recomputed only when the class names, the templates or the
+    backbone's weights change.
     """
 
-    defaults: dict[str, Any] = {"templates": "dataset", "dataset": None, "text_batch_size": 256}
+    Config = ZeroShotConfig
 
-    def __init__(self, backbone: Backbone, classnames: list[str], config: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.config = {**self.defaults, **(config or {})}
-        self.backbone = backbone
-        self.clip = backbone.model
-        self.templates = resolve_templates(self.config["templates"], self.config["dataset"])
-        self.classnames = list(classnames)
+    def __init__(self, backbone: Backbone, classnames: list[str], config=None) -> None:
+        super().__init__(backbone, classnames, config)
+        self.dataset = self.config.dataset
+        self._template_spec = self.config.templates
         self._cache = ClassifierCache()
-        self.progress = False
-
-    def set_classnames(self, classnames: list[str]) -> None:
-        self.classnames = list(classnames)
-
-    def set_templates(self, templates: str | list[str]) -> None:
-        self.templates = resolve_templates(templates, self.config["dataset"])
 
     @property
-    def device(self) -> torch.device:
-        return self.clip.logit_scale.device
+    def templates(self) -> list[str]:
+        return resolve_templates(self._template_spec, self.dataset)
+
+    def set_templates(self, templates: str | list[str]) -> None:
+        resolve_templates(templates, self.dataset)  # fail now, not at the next evaluation
+        self._template_spec = templates
 
     def text_classifier(self) -> Tensor:
-        """``[C, E]`` L2-normalized; recomputed only when class names, templates or weights change."""
-        key = (tuple(self.classnames), tuple(self.templates), weights_state([self.clip]))
+        """``[C, E]`` L2-normalized."""
+        templates = self.templates
+        key = (tuple(self.classnames), tuple(templates), weights_state([self.clip]))
         return self._cache.get(key, lambda: build_text_classifier(
-            self.clip.encode_text, self.backbone.tokenizer, self.classnames, self.templates,
-            self.device, self.config["text_batch_size"], self.progress,
+            self.clip.encode_text, self.backbone.tokenizer, self.classnames, templates,
+            self.device, self.config.text_batch_size, self.progress,
         ))
 
     def forward(self, images: Tensor) -> Tensor:

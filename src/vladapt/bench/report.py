@@ -1,0 +1,106 @@
+"""Result records on disk -> Markdown tables (means over seeds)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean, pstdev
+from typing import Any, Iterable
+
+from vladapt.errors import DataError
+from vladapt.protocols.metrics import average_base_new, harmonic_mean
+
+
+def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every result record under ``out_dir`` (files named ``shots_*-seed_*.json``)."""
+    records = []
+    for path in sorted(Path(out_dir).rglob("shots_*-seed_*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise DataError(f"result file {path} is not valid JSON ({e}); delete it or rerun that run") from e
+    return records
+
+
+def _fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{mean(values):.2f} ± {pstdev(values):.2f}"
+
+
+def _group(records: Iterable[dict[str, Any]], protocol: str) -> dict[tuple[str, int], dict[str, list[dict]]]:
+    """{(method, shots): {dataset: [records over seeds]}} for one protocol."""
+    groups: dict[tuple[str, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r["protocol"] == protocol:
+            groups[(r["method"], r["shots"])][r["dataset"]].append(r)
+    return groups
+
+
+def base2new_table(records: Iterable[dict[str, Any]]) -> str:
+    """Per method: Base / New / HM per dataset (mean ± std over seeds) and the average rows."""
+    out = []
+    for (method, shots), by_ds in sorted(_group(records, "base2new").items()):
+        out.append(f"### base-to-new: {method}, {shots} shots\n")
+        out.append("| dataset | seeds | Base | New | HM |")
+        out.append("|---|---|---|---|---|")
+        rows = []
+        for ds, recs in sorted(by_ds.items()):
+            b = [r["results"]["base"]["accuracy"] for r in recs]
+            n = [r["results"]["new"]["accuracy"] for r in recs]
+            h = [harmonic_mean(x, y) for x, y in zip(b, n)]
+            rows.append((mean(b), mean(n)))
+            out.append(f"| {ds} | {len(recs)} | {_fmt(b)} | {_fmt(n)} | {_fmt(h)} |")
+        if len(rows) > 1:
+            avg = average_base_new(rows)
+            out.append(f"| **average** (HM of mean Base and mean New) | | {avg['base']:.2f} | {avg['new']:.2f} | "
+                       f"{avg['hm_of_means']:.2f} |")
+            out.append(f"| average (mean of per-dataset HMs) | | | | {avg['mean_of_hms']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def transfer_table(records: Iterable[dict[str, Any]], protocol: str) -> str:
+    """Cross-dataset or DG: source accuracy, per-target accuracies and the target average."""
+    out = []
+    for (method, shots), by_ds in sorted(_group(records, protocol).items()):
+        for source, recs in sorted(by_ds.items()):
+            targets = list(recs[0]["results"]["targets"])
+            out.append(f"### {protocol}: {method}, trained on {source}, {shots} shots\n")
+            out.append("| seeds | " + " | ".join([source, *targets, "average (targets)"]) + " |")
+            out.append("|" + "---|" * (len(targets) + 3))
+            cells = [_fmt([r["results"]["source"][source]["accuracy"] for r in recs])]
+            cells += [_fmt([r["results"]["targets"][t]["accuracy"] for r in recs]) for t in targets]
+            cells.append(_fmt([r["results"]["average"] for r in recs]))
+            out.append(f"| {len(recs)} | " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def fewshot_table(records: Iterable[dict[str, Any]]) -> str:
+    by_method: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in records:
+        if r["protocol"] == "fewshot":
+            by_method[r["method"]][r["dataset"]][r["shots"]].append(r["results"]["test"]["accuracy"])
+    out = []
+    for method, by_ds in sorted(by_method.items()):
+        shots = sorted({k for d in by_ds.values() for k in d})
+        out.append(f"### few-shot: {method}\n")
+        out.append("| dataset | " + " | ".join(f"{k} shots" for k in shots) + " |")
+        out.append("|---|" + "---|" * len(shots))
+        for ds, per_k in sorted(by_ds.items()):
+            out.append(f"| {ds} | " + " | ".join(_fmt(per_k[k]) if k in per_k else "-" for k in shots) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def markdown_report(records: list[dict[str, Any]]) -> str:
+    parts = ["# vladapt results\n"]
+    for protocol, table in (("base2new", base2new_table), ("cross_dataset", None), ("dg", None), ("fewshot", fewshot_table)):
+        if any(r["protocol"] == protocol for r in records):
+            parts.append(table(records) if table else transfer_table(records, protocol))
+    parts.append("Accuracy in % (micro), mean ± population std over seeds. Dataset averages compare by the HM of "
+                 "the mean Base and mean New accuracies (CoCoOp convention); the mean of per-dataset HMs is shown "
+                 "for comparison with papers that use it. Transfer averages are over the target datasets only.\n")
+    return "\n".join(parts)

@@ -1,0 +1,73 @@
+"""The interface every method implements.
+
+A method owns its trainable modules (attached to the frozen backbone's insertion points), its
+training step and its inference classifier. Protocols and the engine only use this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vladapt.backbones import Backbone
+from vladapt.config import from_mapping, to_dict
+
+
+@dataclass
+class StepOutput:
+    """What one training step returns: the loss to minimize, and logits/labels for running accuracy."""
+
+    loss: Tensor
+    logits: Tensor | None = None
+    labels: Tensor | None = None
+    extras: dict[str, float] | None = None
+
+
+class Method(nn.Module):
+    """Base class: ``forward(images) -> logits [B, C]`` over the current class names.
+
+    Subclasses set ``Config`` (a dataclass; ``config=None`` means its defaults, the method's
+    base-to-new configuration) and ``trainable``.
+    """
+
+    Config: ClassVar[type]
+    trainable: ClassVar[bool] = False
+
+    def __init__(self, backbone: Backbone, classnames: list[str], config: Any = None) -> None:
+        super().__init__()
+        if config is None or isinstance(config, dict):
+            config = from_mapping(self.Config, config or {}, "method.")
+        self.config = config
+        self.backbone = backbone
+        self.clip = backbone.model
+        self.classnames = list(classnames)
+        self.dataset: str | None = None
+        self.progress = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.logit_scale.device
+
+    def set_classnames(self, classnames: list[str], dataset: str | None = None) -> None:
+        """Evaluate over ``classnames`` from now on (e.g. the new classes); ``dataset`` names the data
+        they come from, for methods whose prompts depend on it."""
+        self.classnames = list(classnames)
+        if dataset is not None:
+            self.dataset = dataset
+
+    def training_step(self, images: Tensor, labels: Tensor) -> StepOutput:
+        raise NotImplementedError(f"{type(self).__name__} is training-free")
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Only the trainable weights (what a checkpoint holds)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach() for k, v in self.state_dict().items() if k in names}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def describe(self) -> dict[str, Any]:
+        return {"config": to_dict(self.config), "trainable_parameters": self.num_trainable_parameters()}

@@ -1,0 +1,179 @@
+"""The four protocols of the field as objects that run a method and produce result records.
+
+* ``base2new``: few-shot sample, split classes into base (first ceil(n/2) sorted labels) and new,
+  train on base, evaluate the base test set and the new test set (closed-set per half), HM.
+* ``cross_dataset``: train on the source (ImageNet, all classes), evaluate the source test set and
+  the full test sets of the targets; the average is over the targets only.
+* ``dg`` (domain generalization): the same with ImageNet-V2/-Sketch/-A/-R as targets.
+* ``fewshot``: train on all classes with K shots, evaluate the test set.
+
+A record is a JSON-ready dict; one record per (method, protocol, dataset, shots, seed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from vladapt import __version__
+from vladapt.backbones import Backbone
+from vladapt.data import DatasetSplits, fewshot_splits, load_dataset, subsample_classes
+from vladapt.errors import ConfigError
+from vladapt.protocols.metrics import CROSS_DATASET_TARGETS, DG_TARGETS, average, harmonic_mean
+
+# train_fn(method, train_splits, seed, run_dir) trains the method in place.
+TrainFn = Callable[[Any, DatasetSplits, int, Path | None], None]
+
+
+@dataclass
+class RunSettings:
+    """Everything a protocol needs besides the method and the data."""
+
+    backbone: Backbone
+    root: Path
+    method: str
+    method_config: dict[str, Any] = field(default_factory=dict)
+    train_fn: TrainFn | None = None
+    device: str = "cpu"
+    batch_size: int = 64
+    workers: int = 0
+    progress: bool = True
+    out_dir: Path | None = None
+
+
+def build_method(settings: RunSettings, classnames: list[str], dataset: str):
+    from vladapt.methods import create_method
+
+    method = create_method(settings.method, settings.backbone, classnames, settings.method_config)
+    method.set_classnames(classnames, dataset=dataset)
+    method.progress = settings.progress
+    return method.to(settings.device)
+
+
+def evaluate_items(settings: RunSettings, method, splits: DatasetSplits, dataset: str, desc: str) -> dict[str, Any]:
+    """Evaluate ``method`` on ``splits.test`` over ``splits.classnames``."""
+    from vladapt.data import ImageDataset
+    from vladapt.engine import evaluate
+
+    method.set_classnames(splits.classnames, dataset=dataset)
+    method.eval()
+    loader = DataLoader(ImageDataset(splits.test, splits.image_root, settings.backbone.test_transform),
+                        batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers)
+    res = evaluate(method, loader, splits.num_classes, device=settings.device, progress=settings.progress, desc=desc)
+    return {"accuracy": res.accuracy, "correct": res.correct, "total": res.total, "macro_f1": res.macro_f1,
+            "num_classes": splits.num_classes}
+
+
+def _train(settings: RunSettings, method, train: DatasetSplits, seed: int, run_dir: Path | None) -> bool:
+    if not getattr(method, "trainable", False):
+        return False
+    if settings.train_fn is None:
+        raise ConfigError(f"method {settings.method!r} needs training but no trainer was given")
+    settings.train_fn(method, train, seed, run_dir)
+    return True
+
+
+def _fewshot(settings: RunSettings, dataset: str, shots: int, seed: int) -> DatasetSplits:
+    torch.manual_seed(seed)
+    full = load_dataset(dataset, settings.root)
+    return fewshot_splits(full, shots, seed, cache_dir=full.fewshot_cache_dir)
+
+
+def _record(settings: RunSettings, protocol: str, dataset: str, shots: int, seed: int, method,
+            trained: bool, results: dict[str, Any], t0: float) -> dict[str, Any]:
+    bb = settings.backbone
+    describe = method.describe() if hasattr(method, "describe") else {}
+    return {
+        "method": settings.method,
+        "protocol": protocol,
+        "dataset": dataset,
+        "shots": shots,
+        "seed": seed,
+        "trained": trained,
+        "backbone": {"name": bb.name, "pretrained": bb.pretrained, "fingerprint": bb.fingerprint},
+        "method_config": describe.get("config", settings.method_config),
+        "trainable_parameters": describe.get("trainable_parameters", 0),
+        "results": results,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "vladapt_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_base2new(settings: RunSettings, dataset: str, shots: int, seed: int,
+                 run_dir: Path | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    few = _fewshot(settings, dataset, shots, seed)
+    base, new = subsample_classes(few, "base"), subsample_classes(few, "new")
+    method = build_method(settings, base.classnames, dataset)
+    trained = _train(settings, method, base, seed, run_dir)
+    res_base = evaluate_items(settings, method, base, dataset, f"{dataset} base")
+    res_new = evaluate_items(settings, method, new, dataset, f"{dataset} new")
+    results = {"base": res_base, "new": res_new, "hm": harmonic_mean(res_base["accuracy"], res_new["accuracy"])}
+    extra = getattr(method, "evaluation_notes", None)
+    if callable(extra):
+        results["notes"] = extra()
+    return _record(settings, "base2new", dataset, shots, seed, method, trained, results, t0)
+
+
+def _run_transfer(settings: RunSettings, protocol: str, source: str, targets: tuple[str, ...], shots: int,
+                  seed: int, run_dir: Path | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    few = _fewshot(settings, source, shots, seed)
+    method = build_method(settings, few.classnames, source)
+    trained = _train(settings, method, few, seed, run_dir)
+    res_source = evaluate_items(settings, method, few, source, source)
+    per_target = {}
+    for target in targets:
+        splits = load_dataset(target, settings.root)
+        per_target[target] = evaluate_items(settings, method, splits, target, target)
+    results = {"source": {source: res_source}, "targets": per_target,
+               "average": average(r["accuracy"] for r in per_target.values())}
+    return _record(settings, protocol, source, shots, seed, method, trained, results, t0)
+
+
+def run_cross_dataset(settings: RunSettings, dataset: str = "imagenet", shots: int = 16, seed: int = 1,
+                      run_dir: Path | None = None, targets: tuple[str, ...] = CROSS_DATASET_TARGETS) -> dict[str, Any]:
+    return _run_transfer(settings, "cross_dataset", dataset, targets, shots, seed, run_dir)
+
+
+def run_domain_generalization(settings: RunSettings, dataset: str = "imagenet", shots: int = 16, seed: int = 1,
+                              run_dir: Path | None = None, targets: tuple[str, ...] = DG_TARGETS) -> dict[str, Any]:
+    return _run_transfer(settings, "dg", dataset, targets, shots, seed, run_dir)
+
+
+def run_fewshot(settings: RunSettings, dataset: str, shots: int, seed: int,
+                run_dir: Path | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    few = _fewshot(settings, dataset, shots, seed)
+    method = build_method(settings, few.classnames, dataset)
+    trained = _train(settings, method, few, seed, run_dir)
+    results = {"test": evaluate_items(settings, method, few, dataset, dataset)}
+    return _record(settings, "fewshot", dataset, shots, seed, method, trained, results, t0)
+
+
+PROTOCOLS: dict[str, Callable[..., dict[str, Any]]] = {
+    "base2new": run_base2new,
+    "cross_dataset": run_cross_dataset,
+    "dg": run_domain_generalization,
+    "fewshot": run_fewshot,
+}
+
+
+def run_protocol(name: str, settings: RunSettings, dataset: str, shots: int, seed: int,
+                 run_dir: Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    if name not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
+    return PROTOCOLS[name](settings, dataset=dataset, shots=shots, seed=seed, run_dir=run_dir, **kwargs)
+
+
+def record_path(out_dir: Path, record: dict[str, Any]) -> Path:
+    """``<out>/<protocol>/<method>/<dataset>/shots_<K>-seed_<S>.json``."""
+    return (Path(out_dir) / record["protocol"] / record["method"] / record["dataset"]
+            / f"shots_{record['shots']}-seed_{record['seed']}.json")
