@@ -26,6 +26,23 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
                    help="storage precision of the frozen backbone (default: %(default)s)")
 
 
+def _add_protocol_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--protocol", required=required, choices=["base2new", "cross_dataset", "dg", "fewshot"])
+    p.add_argument("--dataset", required=required,
+                   help="dataset name (the source dataset for cross_dataset and dg, normally imagenet), or folder / "
+                        "csv / json for custom data")
+    p.add_argument("--root", type=Path, required=True,
+                   help="data root holding the dataset folders (custom data: the folder or list file)")
+    p.add_argument("--shots", type=int, nargs="+", default=None, help="shots per class (default: 16)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (default: 1; the field uses 1 2 3)")
+    p.add_argument("--targets", nargs="+", default=None, help="override the target datasets of cross_dataset / dg")
+    _add_backbone_args(p)
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default: runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _dtype(precision: str):
     import torch
 
@@ -60,23 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--quiet", action="store_true", help="no progress bars")
     zs.set_defaults(func=cmd_zeroshot)
 
-    ev = sub.add_parser("eval", help="run a method through a protocol and write result records and a table")
+    ev = sub.add_parser("eval", help="evaluate a method (training-free, or from a checkpoint) through a protocol")
     ev.add_argument("--method", default="zeroshot", help="method name (see `vladapt info`)")
-    ev.add_argument("--protocol", required=True, choices=["base2new", "cross_dataset", "dg", "fewshot"])
-    ev.add_argument("--dataset", required=True,
-                    help="dataset name (the source dataset for cross_dataset and dg, normally imagenet)")
-    ev.add_argument("--root", type=Path, required=True, help="data root holding the dataset folders")
-    ev.add_argument("--shots", type=int, nargs="+", default=[16], help="shots per class (default: 16)")
-    ev.add_argument("--seeds", type=int, nargs="+", default=[1], help="run seeds (default: 1; the field uses 1 2 3)")
-    ev.add_argument("--targets", nargs="+", default=None, help="override the target datasets of cross_dataset / dg")
-    _add_backbone_args(ev)
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--workers", type=int, default=0)
-    ev.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default: runs)")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--checkpoint", type=Path, default=None,
+                    help="run directory of `vladapt train`: evaluate its trained weights (method, config, dataset, "
+                         "shots and seed come from the checkpoint)")
+    _add_protocol_args(ev, required=False)
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="method config overrides, e.g. method.templates=openai_imagenet")
     ev.set_defaults(func=cmd_eval)
+
+    tr = sub.add_parser("train", help="train a method through a protocol (base2new: train on base, evaluate base and new)")
+    tr.add_argument("--method", required=True, help="method name (see `vladapt info`)")
+    tr.add_argument("--config", type=Path, default=None,
+                    help="YAML run config with sections method/train (default: vladapt's config for the method and "
+                         "protocol)")
+    tr.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    _add_protocol_args(tr, required=True)
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="config overrides, e.g. train.lr=0.01 method.scale=0.05")
+    tr.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
@@ -196,41 +216,113 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from vladapt.backbones import load_clip
+def _run_grid(args: argparse.Namespace, settings_for, protocol: str, dataset: str, shots_list: list[int],
+              seeds: list[int], run_dirs: bool) -> None:
+    """Run every (shots, seed); write one record each and the Markdown report (main process only)."""
     from vladapt.bench.report import load_records, markdown_report
-    from vladapt.config import parse_overrides
-    from vladapt.errors import ConfigError
+    from vladapt.engine import distributed as dist
     from vladapt.io import atomic_write_json, atomic_write_text
-    from vladapt.protocols.runner import RunSettings, record_path, run_protocol
+    from vladapt.protocols.runner import record_path, run_protocol
 
-    overrides = parse_overrides(args.overrides)
-    unknown = sorted(set(overrides) - {"method"})
-    if unknown:
-        raise ConfigError(f"unknown override section {unknown[0]!r}; overrides look like method.KEY=VALUE")
-    backbone = load_clip(args.model, args.pretrained, device=args.device, dtype=_dtype(args.precision))
-    settings = RunSettings(backbone=backbone, root=args.root, method=args.method,
-                           method_config=overrides.get("method", {}), device=args.device,
-                           batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
-                           out_dir=args.out)
-    extra = {"targets": tuple(args.targets)} if args.targets and args.protocol in ("cross_dataset", "dg") else {}
-    for shots in args.shots:
-        for seed in args.seeds:
-            record = run_protocol(args.protocol, settings, args.dataset, shots, seed, **extra)
+    extra = {"targets": tuple(args.targets)} if args.targets and protocol in ("cross_dataset", "dg") else {}
+    for shots in shots_list:
+        for seed in seeds:
+            settings, method_name = settings_for(shots, seed)
+            run_dir = None
+            if run_dirs:
+                run_dir = record_path(args.out, {"protocol": protocol, "method": method_name, "dataset": dataset,
+                                                 "shots": shots, "seed": seed}).with_suffix("")
+            record = run_protocol(protocol, settings, dataset, shots, seed, run_dir=run_dir, **extra)
+            if record is None:  # a helper process of a data-parallel run
+                continue
+            if run_dir is not None:
+                record["run_dir"] = str(run_dir)
             path = atomic_write_json(record_path(args.out, record), record)
             res = record["results"]
-            if args.protocol == "base2new":
+            if protocol == "base2new":
                 summary = f"base {res['base']['accuracy']:.2f}  new {res['new']['accuracy']:.2f}  HM {res['hm']:.2f}"
-            elif args.protocol == "fewshot":
+            elif protocol == "fewshot":
                 summary = f"accuracy {res['test']['accuracy']:.2f}"
             else:
                 summary = f"target average {res['average']:.2f}"
-            print(f"{args.method} | {args.protocol} | {args.dataset} | {shots} shots | seed {seed}: {summary}  -> {path}")
+            print(f"{record['method']} | {protocol} | {dataset} | {shots} shots | seed {seed}: {summary}  -> {path}")
+    if not dist.is_main():
+        return
     report = markdown_report(load_records(args.out))
     atomic_write_text(args.out / "report.md", report)
     print()
     print(report)
     print(f"table written to {args.out / 'report.md'}")
+
+
+def _settings(args: argparse.Namespace, backbone, method: str, method_config: dict, train_fn=None):
+    from vladapt.engine import distributed as dist
+    from vladapt.protocols.runner import RunSettings
+
+    return RunSettings(backbone=backbone, root=args.root, method=method, method_config=method_config,
+                       train_fn=train_fn, device=args.device, batch_size=args.batch_size, workers=args.workers,
+                       progress=not args.quiet, out_dir=args.out, evaluate=dist.is_main())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vladapt.backbones import load_clip
+    from vladapt.config import parse_overrides
+    from vladapt.engine.checkpoint import load_checkpoint, read_meta
+    from vladapt.errors import ConfigError
+
+    overrides = parse_overrides(args.overrides)
+    unknown = sorted(set(overrides) - {"method"})
+    if unknown:
+        raise ConfigError(f"unknown override section {unknown[0]!r}; overrides look like method.KEY=VALUE")
+    if args.checkpoint is None:
+        if args.protocol is None or args.dataset is None:
+            raise ConfigError("eval needs --protocol and --dataset (or --checkpoint RUN_DIR)")
+        backbone = load_clip(args.model, args.pretrained, device=args.device, dtype=_dtype(args.precision))
+        settings = _settings(args, backbone, args.method, overrides.get("method", {}))
+        _run_grid(args, lambda shots, seed: (settings, args.method), args.protocol, args.dataset,
+                  args.shots or [16], args.seeds or [1], run_dirs=False)
+        return 0
+    meta = read_meta(args.checkpoint)
+    if overrides.get("method"):
+        raise ConfigError("method overrides cannot change a trained checkpoint's configuration")
+    protocol = args.protocol or meta["protocol"]
+    dataset = args.dataset or meta["dataset"]
+    bb = meta["backbone"]
+    backbone = load_clip(bb["name"] if args.model == "vladapt-test-tiny" else args.model,
+                         bb["pretrained"] if args.pretrained is None else args.pretrained,
+                         device=args.device, dtype=_dtype(args.precision))
+
+    def from_checkpoint(method, splits, seed, run_dir):
+        if list(splits.classnames) != meta["classnames"]:
+            raise ConfigError(f"checkpoint {args.checkpoint} was trained on classes {meta['classnames'][:5]}..., "
+                              f"but this run trains on {list(splits.classnames)[:5]}...: use the checkpoint's "
+                              "dataset, protocol, shots and seed")
+        load_checkpoint(args.checkpoint, method, backbone.fingerprint if args.precision == "fp32" else None)
+
+    settings = _settings(args, backbone, meta["method"], meta["method_config"], from_checkpoint)
+    _run_grid(args, lambda shots, seed: (settings, meta["method"]), protocol, dataset,
+              args.shots or [meta["shots"]], args.seeds or [meta["seed"]], run_dirs=False)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vladapt.backbones import load_clip
+    from vladapt.engine import distributed as dist
+    from vladapt.engine.runconfig import resolve_run_config
+    from vladapt.engine.train import fit
+
+    dist.init_distributed(args.device)
+    method_config, train_config = resolve_run_config(args.method, args.protocol, args.config, args.overrides)
+    backbone = load_clip(args.model, args.pretrained, device=args.device, dtype=_dtype(args.precision))
+
+    def settings_for(shots: int, seed: int):
+        def train_fn(method, splits, seed_, run_dir):
+            fit(method, splits, train_config, seed_, run_dir=run_dir, resume=args.resume, progress=not args.quiet,
+                device=args.device, extra_meta={"protocol": args.protocol, "shots": shots})
+
+        return _settings(args, backbone, args.method, method_config, train_fn), args.method
+
+    _run_grid(args, settings_for, args.protocol, args.dataset, args.shots or [16], args.seeds or [1], run_dirs=True)
     return 0
 
 

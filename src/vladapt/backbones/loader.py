@@ -40,7 +40,39 @@ TINY_CONFIGS: dict[str, CLIPConfig] = {
         text=TextConfig(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
         quick_gelu=True,
     ),
+    # The embedded default: pretrained by vladapt on its synthetic world (weights bundled, see below).
+    "vladapt-tiny": CLIPConfig(
+        embed_dim=128,
+        vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, head_width=64),
+        text=TextConfig(context_length=32, vocab_size=49408, width=128, heads=2, layers=3),
+        quick_gelu=False,
+    ),
 }
+
+
+# Models whose weights ship inside the package: name -> weights file in vladapt/backbones/weights/.
+# The sidecar JSON next to the file records the architecture, the fingerprint and how the weights
+# were made (`vladapt synth pretrain`).
+BUNDLED_MODELS: dict[str, str] = {"vladapt-tiny": "vladapt-tiny.safetensors"}
+
+
+def bundled_weights_path(name: str) -> Path:
+    return Path(__file__).resolve().parent / "weights" / BUNDLED_MODELS[name]
+
+
+def _bundled_state_dict(name: str) -> tuple[dict[str, Tensor], str]:
+    """The bundled weights of ``name`` and their recorded fingerprint (checked after loading)."""
+    import json
+
+    path = bundled_weights_path(name)
+    sidecar = path.with_suffix(".json")
+    if not path.is_file() or not sidecar.is_file():
+        raise BackboneError(
+            f"the bundled weights of {name!r} are missing ({path.name} and {sidecar.name} in the package's "
+            "backbones/weights folder); reinstall vladapt, or recreate them with `vladapt synth pretrain`"
+        )
+    sd, _ = read_checkpoint(path)
+    return sd, json.loads(sidecar.read_text())["fingerprint"]
 
 
 class Tokenizer:
@@ -107,7 +139,7 @@ def available_backbones() -> dict[str, list[str]]:
         except (BackboneError, KeyError, TypeError):
             continue
         supported.append(name)
-    return {"tiny": sorted(TINY_CONFIGS), "open_clip": supported}
+    return {"tiny": sorted(TINY_CONFIGS), "bundled": sorted(BUNDLED_MODELS), "open_clip": supported}
 
 
 def _resolve_config(name: str, quick_gelu: bool | None) -> CLIPConfig:
@@ -291,7 +323,8 @@ def load_clip(
             (``ViT-B-16``, ``ViT-B-16-quickgelu``, ...). OpenAI's weights were trained with QuickGELU:
             use the ``-quickgelu`` name with them (loading an OpenAI TorchScript archive or the
             ``openai`` tag switches to QuickGELU automatically).
-        pretrained: ``None`` (seeded random weights), an open_clip pretrained tag, or a local file.
+        pretrained: ``None`` (the bundled weights of a bundled model such as ``vladapt-tiny``, else
+            seeded random weights), an open_clip pretrained tag, or a local file.
         device, dtype: where and in which precision the frozen weights are stored.
         seed: seed of the random weights when ``pretrained`` is ``None``.
         quick_gelu: force the activation; ``None`` follows the config / weights.
@@ -301,7 +334,12 @@ def load_clip(
     """
     source = "random weights"
     sd: dict[str, Tensor] | None = None
-    if pretrained is not None:
+    expected_fingerprint = None
+    if pretrained is None and name in BUNDLED_MODELS:
+        sd, expected_fingerprint = _bundled_state_dict(name)
+        source = f"bundled weights of {name!r}"
+        pretrained = "bundled"
+    elif pretrained is not None:
         pretrained = str(pretrained)
         if _looks_like_path(pretrained):
             sd, fmt = read_checkpoint(pretrained)
@@ -327,9 +365,20 @@ def load_clip(
         model.init_random(seed)
     else:
         load_state_dict_into(model, _strip_openai_extras(sd), source)
-    model.freeze().eval().to(device=device, dtype=dtype)
+    model.freeze().eval()
+    fingerprint = None
+    if expected_fingerprint is not None:
+        fingerprint = weights_fingerprint(model.state_dict())
+        if fingerprint != expected_fingerprint:
+            raise BackboneError(
+                f"the bundled weights of {name!r} do not match their recorded fingerprint "
+                f"({fingerprint} != {expected_fingerprint}); reinstall vladapt"
+            )
+    model.to(device=device, dtype=dtype)
+    if dtype != torch.float32:
+        fingerprint = None  # the fingerprint is of the fp32 weights; recompute on the cast copy
     size = cfg.vision.image_size
-    return Backbone(
+    backbone = Backbone(
         model=model,
         tokenizer=Tokenizer(cfg.text.context_length),
         train_transform=train_transform(size),
@@ -337,3 +386,5 @@ def load_clip(
         name=name,
         pretrained=pretrained,
     )
+    backbone._fingerprint = fingerprint
+    return backbone

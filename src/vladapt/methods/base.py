@@ -35,6 +35,7 @@ class Method(nn.Module):
 
     Config: ClassVar[type]
     trainable: ClassVar[bool] = False
+    registry_name: ClassVar[str] = ""  # set by @register_method
 
     def __init__(self, backbone: Backbone, classnames: list[str], config: Any = None) -> None:
         super().__init__()
@@ -45,20 +46,29 @@ class Method(nn.Module):
         self.clip = backbone.model
         self.classnames = list(classnames)
         self.dataset: str | None = None
+        self.split: str | None = None
         self.progress = False
 
     @property
     def device(self) -> torch.device:
         return self.clip.logit_scale.device
 
-    def set_classnames(self, classnames: list[str], dataset: str | None = None) -> None:
-        """Evaluate over ``classnames`` from now on (e.g. the new classes); ``dataset`` names the data
-        they come from, for methods whose prompts depend on it."""
+    def set_classnames(self, classnames: list[str], dataset: str | None = None, split: str | None = None) -> None:
+        """Work over ``classnames`` from now on. ``dataset`` names the data they come from (for methods
+        whose prompts depend on it); ``split`` says what they are: "train", "base", "new" or "all"
+        (e.g. for a method with a separate evaluation setting for new classes)."""
         self.classnames = list(classnames)
         if dataset is not None:
             self.dataset = dataset
+        self.split = split
 
-    def training_step(self, images: Tensor, labels: Tensor) -> StepOutput:
+    def evaluation_info(self) -> dict[str, Any]:
+        """Settings that produced the next evaluation's numbers (stored next to them in results)."""
+        return {}
+
+    def training_step(self, images: Tensor, labels: Tensor, step: Any = None) -> StepOutput:
+        """One step's loss on a batch ``images [B, 3, H, W]``, ``labels [B]`` indexing ``classnames``;
+        ``step`` is the engine's :class:`~vladapt.engine.train.StepInfo` (randomness, global labels)."""
         raise NotImplementedError(f"{type(self).__name__} is training-free")
 
     def trainable_state_dict(self) -> dict[str, Tensor]:

@@ -25,6 +25,7 @@ def register_method(name: str, trainable: bool = True) -> Callable[[type], type]
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         _METHODS[name] = MethodInfo(name, cls, trainable)
+        cls.registry_name = name
         return cls
 
     return deco
@@ -32,7 +33,7 @@ def register_method(name: str, trainable: bool = True) -> Callable[[type], type]
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register_method decorators.
-    from vladapt.methods import zeroshot  # noqa: F401
+    from vladapt.methods import heba, zeroshot  # noqa: F401
 
 
 def list_methods() -> dict[str, MethodInfo]:

@@ -45,29 +45,31 @@ class RunSettings:
     workers: int = 0
     progress: bool = True
     out_dir: Path | None = None
+    evaluate: bool = True  # False in the helper processes of a data-parallel run: only rank 0 evaluates
 
 
 def build_method(settings: RunSettings, classnames: list[str], dataset: str):
     from vladapt.methods import create_method
 
     method = create_method(settings.method, settings.backbone, classnames, settings.method_config)
-    method.set_classnames(classnames, dataset=dataset)
+    method.set_classnames(classnames, dataset=dataset, split="train")
     method.progress = settings.progress
     return method.to(settings.device)
 
 
-def evaluate_items(settings: RunSettings, method, splits: DatasetSplits, dataset: str, desc: str) -> dict[str, Any]:
-    """Evaluate ``method`` on ``splits.test`` over ``splits.classnames``."""
+def evaluate_items(settings: RunSettings, method, splits: DatasetSplits, dataset: str, desc: str,
+                   split: str = "all") -> dict[str, Any]:
+    """Evaluate ``method`` on ``splits.test`` over ``splits.classnames`` (``split``: base, new or all)."""
     from vladapt.data import ImageDataset
     from vladapt.engine import evaluate
 
-    method.set_classnames(splits.classnames, dataset=dataset)
+    method.set_classnames(splits.classnames, dataset=dataset, split=split)
     method.eval()
     loader = DataLoader(ImageDataset(splits.test, splits.image_root, settings.backbone.test_transform),
                         batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers)
     res = evaluate(method, loader, splits.num_classes, device=settings.device, progress=settings.progress, desc=desc)
     return {"accuracy": res.accuracy, "correct": res.correct, "total": res.total, "macro_f1": res.macro_f1,
-            "num_classes": splits.num_classes}
+            "num_classes": splits.num_classes, **method.evaluation_info()}
 
 
 def _train(settings: RunSettings, method, train: DatasetSplits, seed: int, run_dir: Path | None) -> bool:
@@ -113,12 +115,11 @@ def run_base2new(settings: RunSettings, dataset: str, shots: int, seed: int,
     base, new = subsample_classes(few, "base"), subsample_classes(few, "new")
     method = build_method(settings, base.classnames, dataset)
     trained = _train(settings, method, base, seed, run_dir)
-    res_base = evaluate_items(settings, method, base, dataset, f"{dataset} base")
-    res_new = evaluate_items(settings, method, new, dataset, f"{dataset} new")
+    if not settings.evaluate:
+        return None
+    res_base = evaluate_items(settings, method, base, dataset, f"{dataset} base", "base")
+    res_new = evaluate_items(settings, method, new, dataset, f"{dataset} new", "new")
     results = {"base": res_base, "new": res_new, "hm": harmonic_mean(res_base["accuracy"], res_new["accuracy"])}
-    extra = getattr(method, "evaluation_notes", None)
-    if callable(extra):
-        results["notes"] = extra()
     return _record(settings, "base2new", dataset, shots, seed, method, trained, results, t0)
 
 
@@ -128,6 +129,8 @@ def _run_transfer(settings: RunSettings, protocol: str, source: str, targets: tu
     few = _fewshot(settings, source, shots, seed)
     method = build_method(settings, few.classnames, source)
     trained = _train(settings, method, few, seed, run_dir)
+    if not settings.evaluate:
+        return None
     res_source = evaluate_items(settings, method, few, source, source)
     per_target = {}
     for target in targets:
@@ -154,6 +157,8 @@ def run_fewshot(settings: RunSettings, dataset: str, shots: int, seed: int,
     few = _fewshot(settings, dataset, shots, seed)
     method = build_method(settings, few.classnames, dataset)
     trained = _train(settings, method, few, seed, run_dir)
+    if not settings.evaluate:
+        return None
     results = {"test": evaluate_items(settings, method, few, dataset, dataset)}
     return _record(settings, "fewshot", dataset, shots, seed, method, trained, results, t0)
 
@@ -167,7 +172,8 @@ PROTOCOLS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def run_protocol(name: str, settings: RunSettings, dataset: str, shots: int, seed: int,
-                 run_dir: Path | None = None, **kwargs: Any) -> dict[str, Any]:
+                 run_dir: Path | None = None, **kwargs: Any) -> dict[str, Any] | None:
+    """Run protocol ``name``; returns its record (``None`` in processes that do not evaluate)."""
     if name not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
     return PROTOCOLS[name](settings, dataset=dataset, shots=shots, seed=seed, run_dir=run_dir, **kwargs)

@@ -1,0 +1,260 @@
+"""The training loop shared by every trainable method.
+
+Semantics follow Dassl (the reference code base of the field) where it matters for reproducing
+published numbers: the learning rate is set once per epoch (cosine over ``epochs``, optional warm-up
+epochs at a constant or linearly rising rate, after which the cosine starts from its first value),
+the loader drops the last incomplete batch when the split holds at least one batch.
+
+Determinism: all randomness of an epoch is derived from (seed, epoch): the batch order, each image's
+augmentation (seeded per (seed, epoch, image index), so it does not depend on which process or
+worker loads it) and each step's generator handed to the method (negative classes, templates,
+stochastic scales). Resuming from the checkpoint of epoch k therefore continues exactly as an
+uninterrupted run, and N data-parallel processes see the same global batches as one process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from vladapt.config import to_dict
+from vladapt.data import DatasetSplits, Datum
+from vladapt.data.dataset import load_image
+from vladapt.engine import distributed as dist
+from vladapt.engine.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from vladapt.errors import ConfigError
+from vladapt.io import atomic_write_text
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = field(default=0.002, metadata={"min": 0.0})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    weight_decay: float = field(default=5e-4, metadata={"min": 0.0})
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = field(default=1e-8, metadata={"min": 0.0})
+    epochs: int = field(default=10, metadata={"min": 1})
+    batch_size: int = field(default=16, metadata={"min": 1})
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = field(default=0, metadata={"min": 0})
+    warmup_type: Literal["constant", "linear"] = "constant"
+    warmup_lr: float = field(default=1e-5, metadata={"min": 0.0})
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_clip: float | None = field(default=None, metadata={"min": 0.0})
+    workers: int = field(default=0, metadata={"min": 0})
+
+    def validate(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas must have two values, got {self.betas}")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ConfigError(f"train.warmup_epochs ({self.warmup_epochs}) must be below train.epochs ({self.epochs})")
+
+
+def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of 0-based ``epoch`` (Dassl: constant within an epoch)."""
+    if epoch < cfg.warmup_epochs:
+        if cfg.warmup_type == "constant":
+            return cfg.warmup_lr
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * epoch / cfg.warmup_epochs
+    if cfg.scheduler == "constant":
+        return cfg.lr
+    k = epoch - cfg.warmup_epochs
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * k / cfg.epochs))
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, epoch, index, ...)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts] + [len(parts)]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@dataclass
+class StepInfo:
+    """What a method's training step may use besides its shard of the batch.
+
+    ``generator`` is the only source of randomness a method should draw from; ``global_labels`` are
+    the labels of the whole global batch (all processes), of which this process holds the slice
+    ``local``: class subsets chosen from them are identical in every process. ``batch_size`` is the
+    configured (global) batch size.
+    """
+
+    epoch: int
+    step: int
+    generator: torch.Generator
+    global_labels: torch.Tensor
+    local: slice
+    batch_size: int
+
+
+class _SeededAugmentation(Dataset):
+    """Items indexed by (epoch, index): the augmentation of each image is seeded by (seed, epoch, index)."""
+
+    def __init__(self, items: list[Datum], image_root: Path, transform, seed: int) -> None:
+        self.items, self.image_root, self.transform, self.seed = items, Path(image_root), transform, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        datum = self.items[index]
+        image = load_image(self.image_root / datum.path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, epoch, index))
+            return self.transform(image), datum.label
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Global batches of item indices for one epoch (the same in every process)."""
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, 1 << 30))
+    perm = torch.randperm(n, generator=g).tolist()
+    if n >= batch_size:  # drop the last incomplete batch, as Dassl does when the split allows it
+        return [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    return [perm]
+
+
+def _shard(batch: list[int], world: int, rank: int) -> slice:
+    per = len(batch) // world
+    return slice(rank * per, (rank + 1) * per)
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def resolve_precision(precision: str, backbone_dtype: torch.dtype) -> str:
+    """``auto``: autocast in the precision the frozen backbone is stored in (fp32 master weights)."""
+    if precision != "auto":
+        return precision
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(backbone_dtype, "fp32")
+
+
+def autocast_context(precision: str, device: str):
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    if precision == "fp32":
+        return torch.autocast(device_type, enabled=False)
+    if precision == "fp16" and device_type == "cpu":
+        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 on the CPU")
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _read_log(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+            if r["epoch"] <= upto_epoch]
+
+
+def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str | Path | None = None,
+        resume: bool = False, progress: bool = True, device: str = "cpu",
+        extra_meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Train ``method`` on ``splits.train`` (labels index ``splits.classnames``); returns the epoch logs.
+
+    With ``run_dir`` a checkpoint is written after every epoch and ``log.jsonl`` keeps one line per
+    epoch; ``resume=True`` continues from the checkpoint found there.
+    """
+    params = [p for p in method.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"method {getattr(method, 'registry_name', method)!r} has no trainable parameters")
+    items = list(splits.train)
+    world, rank = dist.world_size(), dist.rank()
+    if cfg.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    if len(items) < world:
+        raise ConfigError(f"{len(items)} training images cannot be split over {world} processes")
+    method.set_classnames(splits.classnames, dataset=splits.name, split="train")
+    optimizer = build_optimizer(cfg, params)
+    precision = resolve_precision(cfg.precision, method.clip.dtype)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    run_dir = Path(run_dir) if run_dir is not None else None
+    backbone = method.backbone
+    meta = {
+        "method": method.registry_name,
+        "method_config": to_dict(method.config),
+        "train_config": to_dict(cfg),
+        "backbone": {"name": backbone.name, "pretrained": backbone.pretrained, "fingerprint": backbone.fingerprint},
+        "dataset": splits.name,
+        "classnames": list(splits.classnames),
+        "seed": seed,
+        "epochs": cfg.epochs,
+        **(extra_meta or {}),
+    }
+    start, logs = 0, []
+    if resume:
+        if run_dir is None or not (checkpoint_dir(run_dir) / "meta.json").is_file():
+            raise ConfigError(f"--resume: no checkpoint in {run_dir}")
+        done = load_checkpoint(run_dir, method, backbone.fingerprint, optimizer)
+        for key in ("method_config", "train_config", "seed", "dataset", "classnames"):
+            if done.get(key) != meta[key]:
+                raise ConfigError(f"--resume: the checkpoint in {run_dir} was made with a different {key}; "
+                                  "resume with the same command, or start a new run directory")
+        start = done["epoch"]
+        logs = _read_log(run_dir / "log.jsonl", start)
+    dataset = _SeededAugmentation(items, splits.image_root, backbone.train_transform, seed)
+    labels_all = torch.tensor([d.label for d in items])
+    for epoch in range(start, cfg.epochs):
+        lr = lr_at_epoch(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(derive_seed(seed, epoch, 2))
+        random.seed(derive_seed(seed, epoch, 3))
+        batches = epoch_batches(len(items), cfg.batch_size, seed, epoch)
+        local = [[(epoch, i) for i in b[_shard(b, world, rank)]] for b in batches]
+        loader = DataLoader(dataset, batch_sampler=local, num_workers=cfg.workers)
+        method.train()
+        t0 = time.perf_counter()
+        loss_sum = correct = count = 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not dist.is_main(),
+                   leave=False)
+        for step, (images, labels) in enumerate(bar):
+            b = batches[step]
+            info = StepInfo(epoch=epoch, step=step,
+                            generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 4, step)),
+                            global_labels=labels_all[b], local=_shard(b, world, rank), batch_size=cfg.batch_size)
+            with autocast_context(precision, device):
+                out = method.training_step(images.to(device), labels.to(device), info)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(out.loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                out.loss.backward()
+            dist.average_gradients(params)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            n = len(labels)
+            loss_sum += float(out.loss.detach()) * n
+            count += n
+            if out.logits is not None:
+                correct += float((out.logits.detach().argmax(-1) == out.labels).sum())
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{100 * correct / count:.1f}", lr=f"{lr:.2e}")
+        loss_sum, correct, count = dist.all_sum([loss_sum, correct, count])
+        seconds = time.perf_counter() - t0
+        logs.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(count, 1),
+                     "accuracy": 100.0 * correct / max(count, 1), "images": int(count),
+                     "seconds": round(seconds, 3), "images_per_second": round(count / max(seconds, 1e-9), 2)})
+        if run_dir is not None and dist.is_main():
+            save_checkpoint(run_dir, method, {**meta, "epoch": epoch + 1}, optimizer)
+            atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in logs))
+        dist.barrier()
+    method.eval()
+    return logs

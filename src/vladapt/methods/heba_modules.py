@@ -1,0 +1,282 @@
+"""HeBA's trainable pieces: the heterogeneous bottleneck, its per-point wrapper and the slow-fast scale.
+
+HeBA (METHODS.md §1) attaches one adapter at two insertion points of every selected block of both
+towers: ``attn_in`` (``LN1(x)``, width ``D``) and ``mlp_hidden`` (the MLP pre-activation, width
+``4D``). Each adapter computes ``h + s * B(h)`` through :class:`~vladapt.backbones.ScaledResidual`,
+so the bottleneck's parameter gradients do not depend on the scale ``s``.
+
+Layer numbering: like the reference configs (``ADAPTER_START``/``ADAPTER_END``), :func:`build_heba_adapters`
+takes **1-based** block indices (``range(1, 13)`` = all twelve blocks of ViT-B/16), while
+:attr:`InsertionPoint.layer <vladapt.backbones.InsertionPoint>` and the adapter keys are **0-based**
+(block 1 of the config is ``visual_blocks_0_attn_in``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vladapt.backbones import CLIPModel, ForwardContext, InsertionPoint, ScaledResidual
+from vladapt.errors import ConfigError
+
+HEBA_POSITIONS: tuple[str, ...] = ("attn_in", "mlp_hidden")
+
+
+class HeBABottleneck(nn.Module):
+    """The adapter block B of HeBA (the reference's ``RobustAdapterBlock``), bias-free, ``r = D / reduction``.
+
+    * spatial (visual) variant, on the patch grid ``z: [B, D, H, W]``::
+
+          y = Conv1x1_{D->r} -> DepthwiseConv3x3_r (padding 1) -> GELU -> Conv1x1_{r->D}   (z)
+          B(z) = LayerNorm_D(z + y)      # over channels, per token
+
+    * token-wise (text) variant, on ``z: [..., D]``::
+
+          B(z) = LayerNorm_D(z + W_up GELU(W_down z))
+
+    GELU is the exact (erf) GELU, not CLIP's QuickGELU.
+
+    **B contains its own residual and LayerNorm**: its output is a full-magnitude normalized vector,
+    not a small delta, so zero-initializing ``up`` would make ``B(z) = LN(z)``, not zero, and the
+    adapted feature ``h + s * B(h)`` would still differ from ``h``. Only ``s = 0`` is an identity.
+
+    Initialization ("Kaiming hot start", §1.4): ``up`` is Kaiming-normal with ``mode="fan_out"``,
+    ``nonlinearity="relu"`` (std ``sqrt(2 / D)``); ``down`` and the depthwise kernel keep PyTorch's
+    default (Kaiming-uniform with ``a = sqrt(5)``, i.e. ``U(+-1/sqrt(fan_in))``); LayerNorm ``gamma = 1``,
+    ``beta = 0``. Passing ``generator`` draws all of these from it instead of the global RNG.
+
+    The input is cast to the weights' dtype for the projections (so a bf16 input works with fp32
+    weights); the residual and LayerNorm are computed in fp32 and returned in the input's dtype.
+    """
+
+    def __init__(self, width: int, *, spatial: bool, reduction: int = 4,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if reduction < 1 or width % reduction:
+            raise ConfigError(f"HeBA reduction must be a positive divisor of the adapter width {width}; got {reduction}")
+        self.width = width
+        self.spatial = spatial
+        self.hidden = width // reduction
+        self.down: nn.Module
+        self.up: nn.Module
+        if spatial:
+            self.down = nn.Conv2d(width, self.hidden, kernel_size=1, bias=False)
+            self.depthwise: nn.Conv2d | None = nn.Conv2d(
+                self.hidden, self.hidden, kernel_size=3, padding=1, groups=self.hidden, bias=False
+            )
+            self.up = nn.Conv2d(self.hidden, width, kernel_size=1, bias=False)
+        else:
+            self.down = nn.Linear(width, self.hidden, bias=False)
+            self.depthwise = None
+            self.up = nn.Linear(self.hidden, width, bias=False)
+        self.norm = nn.LayerNorm(width)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # Same distributions as PyTorch's Conv/Linear defaults, re-drawn so that a run's single
+        # seeded generator can drive them.
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
+        if self.depthwise is not None:
+            nn.init.kaiming_uniform_(self.depthwise.weight, a=math.sqrt(5), generator=generator)
+        nn.init.kaiming_normal_(self.up.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+        self.norm.reset_parameters()
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``[B, D, H, W]`` (spatial) or ``[..., D]`` (token-wise) -> same shape and dtype."""
+        zw = z.to(self.up.weight.dtype)
+        if self.depthwise is not None:
+            y = self.up(F.gelu(self.depthwise(self.down(zw))))
+            # LayerNorm over channels wants them last: [B, D, H, W] -> [B, H, W, D] and back.
+            return self._norm((z.float() + y.float()).permute(0, 2, 3, 1)).permute(0, 3, 1, 2).to(z.dtype)
+        y = self.up(F.gelu(self.down(zw)))
+        return self._norm(z.float() + y.float()).to(z.dtype)
+
+    def _norm(self, v: Tensor) -> Tensor:
+        # fp32 LayerNorm whatever the weights' dtype or autocast state, as CLIP's own LayerNorm does.
+        return F.layer_norm(v, (self.width,), self.norm.weight.float(), self.norm.bias.float(), self.norm.eps)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, hidden={self.hidden}, spatial={self.spatial}"
+
+
+class HeBAPointAdapter(nn.Module):
+    """What HeBA attaches at one insertion point: ``R_s(h) = h + s * B(h)`` with a :class:`HeBABottleneck`.
+
+    Visual points (layout with a patch grid): the branch sees only the patch tokens, as a
+    ``[B, D, H, W]`` grid; the CLS (prefix) tokens are passed through bit-identically. Text points:
+    every token position (SOT, words, EOT, padding) goes through the token-wise branch.
+
+    The scale is ``ctx.scale(point)`` when the forward context provides one (training with
+    :class:`SlowFastScale`), else :attr:`scale` (the evaluation / base scale). With scale 0 the input
+    is returned unchanged (the same tensor).
+    """
+
+    def __init__(self, point: InsertionPoint, reduction: int = 4, scale: float = 0.025,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if point.kind not in HEBA_POSITIONS:
+            raise ConfigError(f"HeBA adapters go at {list(HEBA_POSITIONS)} points, not at {point.name}")
+        self.point = point
+        # Only a layout with a patch grid (visual tower) gets the spatial branch and CLS pass-through.
+        self.layout = point.layout if point.layout is not None and point.layout.grid is not None else None
+        self.spatial = self.layout is not None
+        self.residual = ScaledResidual(
+            HeBABottleneck(point.width, spatial=self.spatial, reduction=reduction, generator=generator), scale
+        )
+
+    @property
+    def bottleneck(self) -> HeBABottleneck:
+        return self.residual.branch  # type: ignore[return-value]
+
+    @property
+    def scale(self) -> float:
+        """The scale used when the forward context gives none (evaluation)."""
+        return self.residual.scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.residual.scale = float(value)
+
+    def forward(self, x: Tensor, ctx: ForwardContext | None = None) -> Tensor:
+        """Tokens ``[B, N, D]`` -> ``[B, N, D]`` in ``x``'s dtype."""
+        s = ctx.scale(self.point) if ctx is not None else None
+        if s is None:
+            s = self.scale
+        if s == 0.0:
+            return x
+        # Keep the frozen residual path in at least x's precision; the branch casts to its weights' dtype.
+        compute = torch.promote_types(x.dtype, self.bottleneck.up.weight.dtype)
+        if self.layout is None:
+            return self.residual(x.to(compute), scale=s).to(x.dtype)
+        prefix, grid = self.layout.split(x)
+        return self.layout.merge(prefix, self.residual(grid.to(compute), scale=s).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"point={self.point.name}, scale={self.scale}"
+
+
+def adapter_key(point: InsertionPoint) -> str:
+    """ModuleDict key of a point (dots are not allowed in module names): ``visual_blocks_0_attn_in``."""
+    return point.name.replace(".", "_")
+
+
+def build_heba_adapters(
+    model: CLIPModel,
+    layers: Iterable[int],
+    towers: Sequence[str] = ("visual", "text"),
+    positions: Sequence[str] = HEBA_POSITIONS,
+    reduction: int = 4,
+    scale: float = 0.025,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> nn.ModuleDict:
+    """Create (not attach) one :class:`HeBAPointAdapter` per selected insertion point.
+
+    Args:
+        model: the frozen backbone; only its insertion points are read.
+        layers: **1-based** block indices as in the reference config (``ADAPTER_START..ADAPTER_END``),
+            e.g. ``range(1, 13)`` for blocks 1..12; block ``l`` is ``InsertionPoint.layer == l - 1``.
+        towers: ``"visual"`` and/or ``"text"``.
+        positions: ``"attn_in"`` and/or ``"mlp_hidden"``.
+        reduction: bottleneck width ``D / reduction`` (4 in HeBA).
+        scale: the adapters' own scale, used when the forward context provides none (evaluation).
+        device: where the adapters live; default: the backbone's device.
+        dtype: the adapters' dtype; fp32 by default whatever the backbone's (fp32 master weights).
+        generator: draws every initial weight; default the global RNG.
+
+    Returns:
+        ``nn.ModuleDict`` keyed by :func:`adapter_key`, in tower / block / position order; each module
+        knows its point (``module.point``).
+    """
+    layers = sorted(set(layers))
+    if not layers:
+        raise ConfigError("HeBA needs at least one adapter layer (1-based block indices)")
+    bad_positions = [p for p in positions if p not in HEBA_POSITIONS]
+    if bad_positions:
+        raise ConfigError(f"unknown HeBA adapter position(s) {bad_positions}; choose from {list(HEBA_POSITIONS)}")
+    adapters = nn.ModuleDict()
+    for tower in dict.fromkeys(towers):
+        if tower not in ("visual", "text"):
+            raise ConfigError(f"unknown tower {tower!r}; choose from ['visual', 'text']")
+        n = model.num_layers(tower)
+        out_of_range = [l for l in layers if not 1 <= l <= n]
+        if out_of_range:
+            raise ConfigError(
+                f"HeBA adapter layers are 1-based block indices; the {tower} tower has blocks 1..{n}, "
+                f"not {out_of_range}"
+            )
+        for point in model.insertion_points(tower, layers=[l - 1 for l in layers]):
+            if point.kind in positions:
+                adapters[adapter_key(point)] = HeBAPointAdapter(point, reduction, scale, generator)
+    if device is None:
+        device = model.logit_scale.device
+    return adapters.to(device=device, dtype=dtype)
+
+
+def attach_adapters(model: CLIPModel, adapters: nn.ModuleDict) -> None:
+    """Attach every adapter at its point; all or nothing (on a conflict nothing stays attached)."""
+    done: list[InsertionPoint] = []
+    try:
+        for module in adapters.values():
+            model.attach(module.point, module)
+            done.append(module.point)
+    except Exception:
+        for point in done:
+            model.detach(point)
+        raise
+
+
+def detach_adapters(model: CLIPModel, adapters: nn.ModuleDict) -> None:
+    """Detach these adapters; modules other methods attached at other (or the same) points stay."""
+    attached = model.attached_modules()
+    for module in adapters.values():
+        if attached.get(module.point.name) is module:
+            model.detach(module.point)
+
+
+class SlowFastScale:
+    """HeBA/LwEIB's stochastic scale, a ``scale_fn(tower, layer) -> float`` for :class:`ForwardContext`.
+
+    In training every call draws ``u ~ U(0, 1)`` and returns ``base * factor`` ("fast") if
+    ``u > ratio`` else ``base`` ("slow"), so ``P(fast) = 1 - ratio``. :class:`ForwardContext` calls it
+    once per (tower, block) per forward pass, so both adapters of a block share the draw. With
+    ``training = False`` it returns ``base`` without drawing.
+
+    ``generator`` is a ``torch.Generator`` (CPU) or a ``random.Random``; ``None`` uses torch's global RNG.
+    """
+
+    def __init__(self, base: float = 0.025, factor: float = 2.25, ratio: float = 0.8,
+                 generator: torch.Generator | random.Random | None = None, training: bool = True) -> None:
+        if base < 0 or factor <= 0 or not 0.0 <= ratio <= 1.0:
+            raise ConfigError(
+                f"slow-fast scale needs base >= 0, factor > 0 and 0 <= ratio <= 1; got base={base}, "
+                f"factor={factor}, ratio={ratio}"
+            )
+        self.base = float(base)
+        self.factor = float(factor)
+        self.ratio = float(ratio)
+        self.generator = generator
+        self.training = training
+
+    def draw(self) -> float:
+        """One ``u ~ U(0, 1)`` from the generator."""
+        if isinstance(self.generator, random.Random):
+            return self.generator.random()
+        return float(torch.rand((), generator=self.generator))
+
+    def __call__(self, tower: str, layer: int) -> float:
+        if not self.training:
+            return self.base
+        return self.base * self.factor if self.draw() > self.ratio else self.base
+
+    def __repr__(self) -> str:
+        return (f"SlowFastScale(base={self.base}, factor={self.factor}, ratio={self.ratio}, "
+                f"training={self.training})")
