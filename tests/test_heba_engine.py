@@ -228,3 +228,27 @@ def test_two_processes_train_like_one(colors, tmp_path):
     l2 = (tmp_path / "two" / rel / "log.jsonl").read_text().splitlines()
     for a, b in zip(map(json.loads, l1), map(json.loads, l2)):
         assert a["images"] == b["images"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_train_and_eval_checkpoint_from_the_cli(colors, tmp_path, capsys):
+    from vladapt.cli import main
+
+    out = tmp_path / "runs"
+    args = ["--protocol", "base2new", "--dataset", "folder", "--root", str(colors), "--shots", "4", "--quiet"]
+    assert main(["train", "--method", "heba", *args, "--out", str(out), "train.epochs=1", "train.batch_size=4",
+                 "method.new_eval_scale=0.01"]) == 0
+    rec = json.loads((out / "base2new/heba/folder/shots_4-seed_1.json").read_text())
+    assert rec["trained"] and rec["results"]["base"]["eval_scale"] == 0.025
+    assert rec["results"]["new"]["eval_scale"] == 0.01  # the record says which scale produced which number
+    run_dir = Path(rec["run_dir"])
+    assert json.loads((run_dir / "checkpoint" / "meta.json").read_text())["train_config"]["epochs"] == 1
+    assert len((run_dir / "log.jsonl").read_text().splitlines()) == 1
+    assert main(["eval", "--checkpoint", str(run_dir), "--root", str(colors), "--out", str(tmp_path / "again"),
+                 "--quiet"]) == 0
+    again = json.loads((tmp_path / "again/base2new/heba/folder/shots_4-seed_1.json").read_text())
+    assert again["results"]["base"]["correct"] == rec["results"]["base"]["correct"]
+    assert again["results"]["new"]["correct"] == rec["results"]["new"]["correct"]
+    assert again["checkpoint"] == str(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--method", "heba", *args, "--out", str(out), "method.scale=fast"]) == 2
+    assert "method.scale" in capsys.readouterr().err

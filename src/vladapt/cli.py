@@ -108,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(func=cmd_data_check)
 
+    demo = sub.add_parser("demo", help="the whole pipeline on the embedded default: synthetic data, the bundled tiny "
+                                       "CLIP, zero-shot and trained methods through base-to-new")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: %(default)s)")
+    demo.add_argument("--methods", nargs="+", default=None, help="methods (default: zeroshot and every trainable one)")
+    demo.add_argument("--datasets", nargs="+", default=None, help="synthetic datasets (default: all)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[1], help="run seeds (default: 1)")
+    demo.add_argument("--shots", type=int, default=16, help="shots per class (default: %(default)s)")
+    demo.add_argument("--model", default="vladapt-tiny", help="backbone (default: the bundled %(default)s)")
+    demo.add_argument("--per-class", type=int, nargs=3, default=[40, 10, 30], metavar=("TRAIN", "VAL", "TEST"),
+                      help="images per class written for each split (default: 40 10 30)")
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                      help="config overrides for the trained methods, e.g. train.epochs=5")
+    demo.set_defaults(func=cmd_demo)
+
     synth = sub.add_parser("synth", help="the synthetic image-text world")
     synth_sub = synth.add_subparsers(dest="synth_command", metavar="SUBCOMMAND", required=True)
     folder = synth_sub.add_parser("folder", help="write a small generated image folder (one sub-folder per class)")
@@ -217,7 +232,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _run_grid(args: argparse.Namespace, settings_for, protocol: str, dataset: str, shots_list: list[int],
-              seeds: list[int], run_dirs: bool) -> None:
+              seeds: list[int], run_dirs: bool, annotate: dict | None = None) -> None:
     """Run every (shots, seed); write one record each and the Markdown report (main process only)."""
     from vladapt.bench.report import load_records, markdown_report
     from vladapt.engine import distributed as dist
@@ -237,6 +252,7 @@ def _run_grid(args: argparse.Namespace, settings_for, protocol: str, dataset: st
                 continue
             if run_dir is not None:
                 record["run_dir"] = str(run_dir)
+            record.update(annotate or {})
             path = atomic_write_json(record_path(args.out, record), record)
             res = record["results"]
             if protocol == "base2new":
@@ -301,7 +317,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     settings = _settings(args, backbone, meta["method"], meta["method_config"], from_checkpoint)
     _run_grid(args, lambda shots, seed: (settings, meta["method"]), protocol, dataset,
-              args.shots or [meta["shots"]], args.seeds or [meta["seed"]], run_dirs=False)
+              args.shots or [meta["shots"]], args.seeds or [meta["seed"]], run_dirs=False,
+              annotate={"checkpoint": str(args.checkpoint)})
     return 0
 
 
@@ -332,6 +349,21 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     report = check_dataset(args.dataset, args.root, verify_images=not args.no_images, quiet=args.quiet)
     print(format_report(report))
     return 0 if report.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vladapt.bench.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(out=args.out, methods=args.methods, datasets=args.datasets, seeds=args.seeds,
+                            shots=args.shots, model=args.model, per_class=tuple(args.per_class),
+                            overrides=args.overrides, progress=not args.quiet)
+    if not args.quiet:
+        print(f"vladapt demo: synthetic benchmark, backbone {args.model}, {args.shots} shots, seeds {args.seeds}")
+    result = run_demo(settings)
+    print(result["report"])
+    print(f"records in {args.out / 'records'}, table {args.out / 'report.md'}, chart {result['chart']} "
+          f"({result['seconds'] / 60:.1f} min)")
+    return 0
 
 
 def cmd_synth_folder(args: argparse.Namespace) -> int:

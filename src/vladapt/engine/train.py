@@ -176,7 +176,7 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         raise ConfigError(f"train.batch_size={cfg.batch_size} must be divisible by the {world} processes")
     if len(items) < world:
         raise ConfigError(f"{len(items)} training images cannot be split over {world} processes")
-    method.set_classnames(splits.classnames, dataset=splits.name, split="train")
+    method.set_classnames(splits.classnames, split="train")
     optimizer = build_optimizer(cfg, params)
     precision = resolve_precision(cfg.precision, method.clip.dtype)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -187,7 +187,7 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         "method_config": to_dict(method.config),
         "train_config": to_dict(cfg),
         "backbone": {"name": backbone.name, "pretrained": backbone.pretrained, "fingerprint": backbone.fingerprint},
-        "dataset": splits.name,
+        "dataset": method.dataset or splits.name,  # the registry name the protocol used
         "classnames": list(splits.classnames),
         "seed": seed,
         "epochs": cfg.epochs,
