@@ -81,10 +81,17 @@ def _train(settings: RunSettings, method, train: DatasetSplits, seed: int, run_d
     return True
 
 
-def _fewshot(settings: RunSettings, dataset: str, shots: int, seed: int) -> DatasetSplits:
+def _prepare(settings: RunSettings, dataset: str, shots: int, seed: int, run_dir: Path | None,
+             train_classes: str = "all"):
+    """Few-shot sample ``dataset``, build the method on ``train_classes`` and train it (if trainable).
+
+    Returns (few-shot splits of all classes, the method, whether it was trained)."""
     torch.manual_seed(seed)
     full = load_dataset(dataset, settings.root)
-    return fewshot_splits(full, shots, seed, cache_dir=full.fewshot_cache_dir)
+    few = fewshot_splits(full, shots, seed, cache_dir=full.fewshot_cache_dir)
+    train = subsample_classes(few, train_classes)
+    method = build_method(settings, train.classnames, dataset)
+    return few, method, _train(settings, method, train, seed, run_dir)
 
 
 def _record(settings: RunSettings, protocol: str, dataset: str, shots: int, seed: int, method,
@@ -111,12 +118,10 @@ def _record(settings: RunSettings, protocol: str, dataset: str, shots: int, seed
 def run_base2new(settings: RunSettings, dataset: str, shots: int, seed: int,
                  run_dir: Path | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    few = _fewshot(settings, dataset, shots, seed)
-    base, new = subsample_classes(few, "base"), subsample_classes(few, "new")
-    method = build_method(settings, base.classnames, dataset)
-    trained = _train(settings, method, base, seed, run_dir)
+    few, method, trained = _prepare(settings, dataset, shots, seed, run_dir, train_classes="base")
     if not settings.evaluate:
         return None
+    base, new = subsample_classes(few, "base"), subsample_classes(few, "new")
     res_base = evaluate_items(settings, method, base, dataset, f"{dataset} base", "base")
     res_new = evaluate_items(settings, method, new, dataset, f"{dataset} new", "new")
     results = {"base": res_base, "new": res_new, "hm": harmonic_mean(res_base["accuracy"], res_new["accuracy"])}
@@ -126,9 +131,7 @@ def run_base2new(settings: RunSettings, dataset: str, shots: int, seed: int,
 def _run_transfer(settings: RunSettings, protocol: str, source: str, targets: tuple[str, ...], shots: int,
                   seed: int, run_dir: Path | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    few = _fewshot(settings, source, shots, seed)
-    method = build_method(settings, few.classnames, source)
-    trained = _train(settings, method, few, seed, run_dir)
+    few, method, trained = _prepare(settings, source, shots, seed, run_dir)
     if not settings.evaluate:
         return None
     res_source = evaluate_items(settings, method, few, source, source)
@@ -154,9 +157,7 @@ def run_domain_generalization(settings: RunSettings, dataset: str = "imagenet", 
 def run_fewshot(settings: RunSettings, dataset: str, shots: int, seed: int,
                 run_dir: Path | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    few = _fewshot(settings, dataset, shots, seed)
-    method = build_method(settings, few.classnames, dataset)
-    trained = _train(settings, method, few, seed, run_dir)
+    few, method, trained = _prepare(settings, dataset, shots, seed, run_dir)
     if not settings.evaluate:
         return None
     results = {"test": evaluate_items(settings, method, few, dataset, dataset)}
