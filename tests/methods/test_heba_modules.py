@@ -109,9 +109,10 @@ def test_vit_b16_init_statistics(vit_b16_adapters, key):
 
 def test_bottleneck_layers():
     vis = HeBABottleneck(64, spatial=True)
-    assert (vis.down.in_channels, vis.down.out_channels, vis.down.kernel_size) == (64, 16, (1, 1))
+    # the reference's 1x1 convolutions, as the equal per-token linear maps
+    assert isinstance(vis.down, nn.Linear) and (vis.down.in_features, vis.down.out_features) == (64, 16)
     assert (vis.depthwise.groups, vis.depthwise.kernel_size, vis.depthwise.padding) == (16, (3, 3), (1, 1))
-    assert (vis.up.in_channels, vis.up.out_channels, vis.up.kernel_size) == (16, 64, (1, 1))
+    assert isinstance(vis.up, nn.Linear) and (vis.up.in_features, vis.up.out_features) == (16, 64)
     txt = HeBABottleneck(64, spatial=False, reduction=8)
     assert isinstance(txt.down, nn.Linear) and (txt.down.in_features, txt.down.out_features) == (64, 8)
     assert isinstance(txt.up, nn.Linear) and (txt.up.in_features, txt.up.out_features) == (8, 64)
@@ -139,10 +140,13 @@ def test_visual_bottleneck_formula():
     g = seeded(2)
     b = HeBABottleneck(32, spatial=True, generator=g)
     _randomize_norm(b, g)
-    z = torch.randn(2, 32, 3, 4, generator=g)
-    y = F.conv2d(F.gelu(F.conv2d(F.conv2d(z, b.down.weight), b.depthwise.weight, padding=1, groups=8)), b.up.weight)
-    expected = F.layer_norm((z + y).permute(0, 2, 3, 1), (32,), b.norm.weight, b.norm.bias).permute(0, 3, 1, 2)
-    torch.testing.assert_close(b(z), expected)
+    z = torch.randn(2, 32, 3, 4, generator=g)  # the reference's layout: [B, D, H, W]
+    conv1x1 = lambda w: w[:, :, None, None]  # noqa: E731 - a linear map per token as a 1x1 convolution
+    y = F.conv2d(F.gelu(F.conv2d(F.conv2d(z, conv1x1(b.down.weight)), b.depthwise.weight, padding=1, groups=8)),
+                 conv1x1(b.up.weight))
+    expected = F.layer_norm((z + y).permute(0, 2, 3, 1), (32,), b.norm.weight, b.norm.bias)  # [B, H, W, D]
+    tokens = z.permute(0, 2, 3, 1).reshape(2, 12, 32)  # row-major patch tokens
+    torch.testing.assert_close(b(tokens, grid=(3, 4)), expected.reshape(2, 12, 32))
 
 
 def test_zero_up_projection_is_not_an_identity():
@@ -168,8 +172,9 @@ def test_visual_adapter_passes_cls_and_adapts_patches(kind, width):
     assert out.shape == x.shape and out.dtype == x.dtype
     assert torch.equal(out[:, 0], x[:, 0])
     assert ((out[:, 1:] - x[:, 1:]).abs().amax(-1) > 0).all()
-    prefix, grid = point.layout.split(x)
-    torch.testing.assert_close(out, point.layout.merge(prefix, grid + 0.025 * adapter.bottleneck(grid)))
+    patches = x[:, 1:]
+    expected = torch.cat([x[:, :1], patches + 0.025 * adapter.bottleneck(patches, grid=point.layout.grid)], dim=1)
+    torch.testing.assert_close(out, expected)
 
 
 def test_text_adapter_adapts_every_token():
@@ -188,8 +193,9 @@ def test_scale_zero_returns_the_input_and_context_scale_overrides():
     assert adapter(x, ForwardContext()) is x
     assert adapter(x) is x
     out = adapter(x, fixed(0.5))
-    prefix, grid = adapter.point.layout.split(x)
-    torch.testing.assert_close(out, adapter.point.layout.merge(prefix, grid + 0.5 * adapter.bottleneck(grid)))
+    patches = x[:, 1:]
+    expected = torch.cat([x[:, :1], patches + 0.5 * adapter.bottleneck(patches, grid=(4, 4))], dim=1)
+    torch.testing.assert_close(out, expected)
     adapter.scale = 0.5
     assert adapter(x, fixed(0.0)) is x
     assert torch.equal(adapter(x), out)

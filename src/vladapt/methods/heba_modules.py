@@ -30,11 +30,15 @@ HEBA_POSITIONS: tuple[str, ...] = ("attn_in", "mlp_hidden")
 class HeBABottleneck(nn.Module):
     """The adapter block B of HeBA (the reference's ``RobustAdapterBlock``), bias-free, ``r = D / reduction``.
 
-    * spatial (visual) variant, on the patch grid ``z: [B, D, H, W]``::
+    * spatial (visual) variant, on the patch tokens ``z: [B, H*W, D]`` of an ``H x W`` grid::
 
-          y = Conv1x1_{D->r} -> DepthwiseConv3x3_r (padding 1) -> GELU -> Conv1x1_{r->D}   (z)
-          B(z) = LayerNorm_D(z + y)      # over channels, per token
+          y = W_up GELU(DepthwiseConv3x3_r(W_down z))   # the depthwise conv runs on the [B, r, H, W] grid
+          B(z) = LayerNorm_D(z + y)                      # per token
 
+      The reference writes the two projections as 1x1 convolutions on ``[B, D, H, W]``; a 1x1
+      convolution is the same linear map per token (same parameter count and default / Kaiming
+      initialization), and applying it to the token-major tensor avoids transposing the D-wide
+      activations twice per adapter. Only the r-wide tensor is viewed as a channels-last grid.
     * token-wise (text) variant, on ``z: [..., D]``::
 
           B(z) = LayerNorm_D(z + W_up GELU(W_down z))
@@ -50,8 +54,9 @@ class HeBABottleneck(nn.Module):
     default (Kaiming-uniform with ``a = sqrt(5)``, i.e. ``U(+-1/sqrt(fan_in))``); LayerNorm ``gamma = 1``,
     ``beta = 0``. Passing ``generator`` draws all of these from it instead of the global RNG.
 
-    The input is cast to the weights' dtype for the projections (so a bf16 input works with fp32
-    weights); the residual and LayerNorm are computed in fp32 and returned in the input's dtype.
+    Outside autocast the input is cast to the weights' dtype for the projections (so a bf16 input
+    works with fp32 weights); under autocast the projections run in the autocast dtype. The residual
+    and LayerNorm are computed in fp32 and returned in the input's dtype.
     """
 
     def __init__(self, width: int, *, spatial: bool, reduction: int = 4,
@@ -62,18 +67,12 @@ class HeBABottleneck(nn.Module):
         self.width = width
         self.spatial = spatial
         self.hidden = width // reduction
-        self.down: nn.Module
-        self.up: nn.Module
-        if spatial:
-            self.down = nn.Conv2d(width, self.hidden, kernel_size=1, bias=False)
-            self.depthwise: nn.Conv2d | None = nn.Conv2d(
-                self.hidden, self.hidden, kernel_size=3, padding=1, groups=self.hidden, bias=False
-            )
-            self.up = nn.Conv2d(self.hidden, width, kernel_size=1, bias=False)
-        else:
-            self.down = nn.Linear(width, self.hidden, bias=False)
-            self.depthwise = None
-            self.up = nn.Linear(self.hidden, width, bias=False)
+        self.down = nn.Linear(width, self.hidden, bias=False)
+        self.depthwise: nn.Conv2d | None = (
+            nn.Conv2d(self.hidden, self.hidden, kernel_size=3, padding=1, groups=self.hidden, bias=False)
+            if spatial else None
+        )
+        self.up = nn.Linear(self.hidden, width, bias=False)
         self.norm = nn.LayerNorm(width)
         self.reset_parameters(generator)
 
@@ -87,14 +86,18 @@ class HeBABottleneck(nn.Module):
         nn.init.kaiming_normal_(self.up.weight, mode="fan_out", nonlinearity="relu", generator=generator)
         self.norm.reset_parameters()
 
-    def forward(self, z: Tensor) -> Tensor:
-        """``[B, D, H, W]`` (spatial) or ``[..., D]`` (token-wise) -> same shape and dtype."""
-        zw = z.to(self.up.weight.dtype)
+    def forward(self, z: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """``[B, H*W, D]`` with ``grid=(H, W)`` (spatial) or ``[..., D]`` (token-wise) -> same shape and dtype."""
+        zw = z if torch.is_autocast_enabled(z.device.type) else z.to(self.up.weight.dtype)
+        h = self.down(zw)
         if self.depthwise is not None:
-            y = self.up(F.gelu(self.depthwise(self.down(zw))))
-            # LayerNorm over channels wants them last: [B, D, H, W] -> [B, H, W, D] and back.
-            return self._norm((z.float() + y.float()).permute(0, 2, 3, 1)).permute(0, 3, 1, 2).to(z.dtype)
-        y = self.up(F.gelu(self.down(zw)))
+            if grid is None:
+                raise ValueError("the spatial HeBA bottleneck needs the patch grid (H, W)")
+            b, n, r = h.shape
+            # channels-last view of the r-wide tensor: no copy before the depthwise convolution
+            h = self.depthwise(h.view(b, grid[0], grid[1], r).permute(0, 3, 1, 2))
+            h = h.permute(0, 2, 3, 1).reshape(b, n, r)
+        y = self.up(F.gelu(h))
         return self._norm(z.float() + y.float()).to(z.dtype)
 
     def _norm(self, v: Tensor) -> Tensor:
@@ -108,8 +111,9 @@ class HeBABottleneck(nn.Module):
 class HeBAPointAdapter(nn.Module):
     """What HeBA attaches at one insertion point: ``R_s(h) = h + s * B(h)`` with a :class:`HeBABottleneck`.
 
-    Visual points (layout with a patch grid): the branch sees only the patch tokens, as a
-    ``[B, D, H, W]`` grid; the CLS (prefix) tokens are passed through bit-identically. Text points:
+    Visual points (layout with a patch grid): the branch sees only the patch tokens (its depthwise
+    convolution works on their ``H x W`` grid); the CLS (prefix) tokens are passed through
+    bit-identically. Text points:
     every token position (SOT, words, EOT, padding) goes through the token-wise branch.
 
     The scale is ``ctx.scale(point)`` when the forward context provides one (training with
@@ -150,12 +154,17 @@ class HeBAPointAdapter(nn.Module):
             s = self.scale
         if s == 0.0:
             return x
-        # Keep the frozen residual path in at least x's precision; the branch casts to its weights' dtype.
-        compute = torch.promote_types(x.dtype, self.bottleneck.up.weight.dtype)
+        # Outside autocast keep the frozen residual path in at least x's precision (fp32 adapters on a
+        # bf16 input compute in fp32); under autocast stay in x's dtype, as the backbone does.
+        if torch.is_autocast_enabled(x.device.type):
+            compute = x.dtype
+        else:
+            compute = torch.promote_types(x.dtype, self.bottleneck.up.weight.dtype)
         if self.layout is None:
             return self.residual(x.to(compute), scale=s).to(x.dtype)
-        prefix, grid = self.layout.split(x)
-        return self.layout.merge(prefix, self.residual(grid.to(compute), scale=s).to(x.dtype))
+        p = self.layout.num_prefix
+        patches = self.residual(x[:, p:].to(compute), scale=s, grid=self.layout.grid).to(x.dtype)
+        return torch.cat([x[:, :p], patches], dim=1)
 
     def extra_repr(self) -> str:
         return f"point={self.point.name}, scale={self.scale}"
