@@ -133,12 +133,19 @@ class CLIPConfig:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the storage dtype (as OpenAI's CLIP does), cast back."""
+    """LayerNorm in the input's dtype, outside autocast.
+
+    PyTorch's CPU and CUDA kernels accumulate the statistics of bf16/fp16 inputs in fp32, which is
+    what OpenAI's fp32 cast was for; keeping the output (and the tensor saved for backward) in the
+    input's dtype halves the activation memory of a bf16 run, and autocast's fp32 policy for
+    layer_norm would otherwise double it again.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            w = self.weight.to(x.dtype) if self.weight is not None else None
+            b = self.bias.to(x.dtype) if self.bias is not None else None
+            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
 class QuickGELU(nn.Module):

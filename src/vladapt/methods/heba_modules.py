@@ -55,8 +55,9 @@ class HeBABottleneck(nn.Module):
     ``beta = 0``. Passing ``generator`` draws all of these from it instead of the global RNG.
 
     Outside autocast the input is cast to the weights' dtype for the projections (so a bf16 input
-    works with fp32 weights); under autocast the projections run in the autocast dtype. The residual
-    and LayerNorm are computed in fp32 and returned in the input's dtype.
+    works with fp32 weights) and the residual and LayerNorm are computed in fp32; under autocast
+    everything runs in the autocast dtype (LayerNorm statistics are accumulated in fp32 by the
+    kernel). The output has the input's dtype.
     """
 
     def __init__(self, width: int, *, spatial: bool, reduction: int = 4,
@@ -98,10 +99,17 @@ class HeBABottleneck(nn.Module):
             h = self.depthwise(h.view(b, grid[0], grid[1], r).permute(0, 3, 1, 2))
             h = h.permute(0, 2, 3, 1).reshape(b, n, r)
         y = self.up(F.gelu(h))
+        if torch.is_autocast_enabled(z.device.type):
+            # Under autocast the residual and LayerNorm stay in the autocast dtype (the kernels
+            # accumulate the statistics in fp32), as the backbone's own LayerNorm does.
+            v = z + y.to(z.dtype)
+            with torch.autocast(z.device.type, enabled=False):
+                return F.layer_norm(v, (self.width,), self.norm.weight.to(v.dtype), self.norm.bias.to(v.dtype),
+                                    self.norm.eps)
         return self._norm(z.float() + y.float()).to(z.dtype)
 
     def _norm(self, v: Tensor) -> Tensor:
-        # fp32 LayerNorm whatever the weights' dtype or autocast state, as CLIP's own LayerNorm does.
+        # fp32 LayerNorm whatever the weights' dtype, as CLIP's own LayerNorm does in fp32 runs.
         return F.layer_norm(v, (self.width,), self.norm.weight.float(), self.norm.bias.float(), self.norm.eps)
 
     def extra_repr(self) -> str:
