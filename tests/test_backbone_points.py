@@ -335,3 +335,22 @@ def test_gradients_flow_to_attached_modules_only(tiny, images):
         m.detach(p)
     assert mod.lin.weight.grad is not None and mod.lin.weight.grad.abs().sum() > 0
     assert all(q.grad is None for q in m.parameters())
+
+
+def test_text_truncation_after_eot_is_exact(tiny, tokens):
+    # causal attention: the EOT feature never sees the padding after it, with token-wise modules too
+    m = tiny.model
+    p = m.insertion_points(tower="text", kind="mlp_hidden", layers=[0])[0]
+    with torch.no_grad():
+        assert torch.allclose(m.encode_text(tokens), m.encode_text(tokens, truncate=False), atol=1e-6)
+        m.attach(p, AddConst(0.3))
+        try:
+            assert torch.allclose(m.encode_text(tokens), m.encode_text(tokens, truncate=False), atol=1e-6)
+        finally:
+            m.detach(p)
+    seen = []
+    h = m.transformer.resblocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        m.encode_text(tokens)
+    h.remove()
+    assert seen == [int(tokens.argmax(-1).max()) + 1] and seen[0] < tokens.shape[1]

@@ -351,21 +351,29 @@ class CLIPModel(nn.Module):
         """Token ids ``[B, L]`` -> token embeddings ``[B, L, D]`` (before positional embeddings)."""
         return self.token_embedding(tokens)
 
-    def encode_text(self, tokens: Tensor, ctx: ForwardContext | None = None, normalize: bool = False) -> Tensor:
+    def encode_text(self, tokens: Tensor, ctx: ForwardContext | None = None, normalize: bool = False,
+                    truncate: bool = True) -> Tensor:
         """Token ids ``[B, L]`` -> text embeddings ``[B, E]``, read at the EOT (highest id) position."""
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
             raise BackboneError(
                 f"expected token ids of shape [B, {self.context_length}], got {list(tokens.shape)}; "
                 "use the backbone's tokenizer"
             )
-        return self.encode_text_embeddings(self.embed_text(tokens), tokens.argmax(dim=-1), ctx, normalize)
+        return self.encode_text_embeddings(self.embed_text(tokens), tokens.argmax(dim=-1), ctx, normalize, truncate)
 
     def encode_text_embeddings(self, x: Tensor, eot_index: Tensor, ctx: ForwardContext | None = None,
-                               normalize: bool = False) -> Tensor:
-        """Token embeddings ``[B, L, D]`` (e.g. with learned prompt vectors) -> ``[B, E]``."""
+                               normalize: bool = False, truncate: bool = True) -> Tensor:
+        """Token embeddings ``[B, L, D]`` (e.g. with learned prompt vectors) -> ``[B, E]``.
+
+        ``truncate``: run the transformer only over positions ``0..max(eot_index)``. Exact for the
+        causal text transformer with token-wise modules attached (a position never sees later ones,
+        so the EOT feature ignores the padding after it) and several times faster for short prompts.
+        Pass ``False`` when an attached module mixes tokens along the sequence axis non-causally.
+        """
         ctx = ctx if ctx is not None else ForwardContext()
         dtype = self.positional_embedding.dtype
-        x = x.to(dtype) + self.positional_embedding.to(dtype)
+        length = int(eot_index.max()) + 1 if truncate and len(eot_index) else x.shape[1]
+        x = x[:, :length].to(dtype) + self.positional_embedding[:length].to(dtype)
         x = self.transformer(x, ctx)
         pooled = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot_index])
         feats = pooled @ self.text_projection
