@@ -354,3 +354,24 @@ def test_text_truncation_after_eot_is_exact(tiny, tokens):
         m.encode_text(tokens)
     h.remove()
     assert seen == [int(tokens.argmax(-1).max()) + 1] and seen[0] < tokens.shape[1]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_training_attention_path_equals_the_fused_kernel(causal):
+    from vladapt.backbones.model import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, 2)
+    torch.nn.init.normal_(attn.in_proj_weight, std=0.2)
+    x = torch.randn(3, 9, 64, requires_grad=True)
+    explicit = attn(x, causal=causal)  # grad enabled on the CPU: the explicit path
+    with torch.no_grad():
+        fused = attn(x, causal=causal)  # scaled_dot_product_attention
+    assert torch.allclose(explicit, fused, atol=1e-5)
+    explicit.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    if causal:  # the first token never sees later ones
+        y = x.detach().clone()
+        y[:, 1:] += 1.0
+        with torch.enable_grad():
+            assert torch.allclose(attn(y, causal=True)[:, 0], explicit[:, 0].detach(), atol=1e-6)

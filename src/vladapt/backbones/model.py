@@ -12,6 +12,7 @@ checks that the outputs match open_clip's own ``encode_image`` / ``encode_text``
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
@@ -153,6 +154,11 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+@functools.lru_cache(maxsize=8)
+def _causal_mask(n: int, device: torch.device) -> Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, batch-first, parameters named like ``nn.MultiheadAttention``'s."""
 
@@ -169,7 +175,15 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = F.linear(x.contiguous(), self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if x.device.type == "cpu" and torch.is_grad_enabled() and n <= 256:
+            # Training through the block on a CPU: for CLIP's short sequences, explicit attention
+            # (softmax in fp32) runs forward + backward ~1.5x faster than the flash kernel.
+            scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
+            if causal:
+                scores = scores.masked_fill(_causal_mask(n, x.device), float("-inf"))
+            out = scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
