@@ -16,11 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 
 CANDIDATES = [
-    ["train.epochs=10", "train.lr=0.0075"],
-    ["train.epochs=10", "train.lr=0.02"],
-    ["train.epochs=10", "train.lr=0.05"],
-    ["train.epochs=20", "train.lr=0.02"],
-    ["train.epochs=10", "train.lr=0.02", "method.scale=0.05"],
+    [],  # the paper's base-to-new configuration (30 epochs, lr 0.0075, scale 0.025)
+    ["train.lr=0.03"],
+    ["train.lr=0.03", "method.scale=0.05"],
+    ["train.epochs=15", "train.lr=0.03"],
 ]
 
 

@@ -35,15 +35,20 @@ def test_readme_has_setup_main_and_test_commands():
     assert "<!-- test-command -->" in ci  # CI runs the README's test command, not a copy of it
 
 
-def test_readme_main_job_runs(tmp_path, monkeypatch, capsys):
-    # Run the main command's vladapt steps in-process, in a scratch directory.
+def test_readme_main_job_is_the_demo():
+    assert vladapt_invocations(readme_block("main-command")) == [["demo"]]
+    args = build_parser().parse_args(["demo"])
+    assert args.func.__name__ == "cmd_demo" and args.model == "vladapt-tiny" and args.shots == 16
+
+
+def test_zero_shot_on_a_generated_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    for argv in vladapt_invocations(readme_block("main-command")):
-        assert main(argv) == 0, argv
+    assert main(["synth", "folder", "imgs", "--per-class", "3"]) == 0
+    assert main(["zeroshot", "--model", "vladapt-test-tiny", "--folder", "imgs", "--out", "runs/zs.json"]) == 0
     out = capsys.readouterr().out
-    record = json.loads((tmp_path / "runs" / "zeroshot-demo.json").read_text())
+    record = json.loads((tmp_path / "runs" / "zs.json").read_text())
     assert record["method"] == "zeroshot" and record["backbone"]["name"] == "vladapt-test-tiny"
-    assert record["total"] == record["data"]["num_images"] > 0
+    assert record["total"] == record["data"]["num_images"] == 12
     assert record["correct"] == round(record["accuracy"] * record["total"] / 100)
     assert f"accuracy {record['accuracy']:.2f}%" in out
     assert not list((tmp_path / "runs").glob(".*.tmp"))  # no half-written files left behind
