@@ -12,11 +12,13 @@ from typing import Sequence
 from vladapt import __version__
 from vladapt.errors import VladaptError
 
+DEFAULT_MODEL = "vladapt-tiny"
+
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vladapt-test-tiny",
+    p.add_argument("--model", default=None,
                    help="backbone: a vladapt tiny config or an open_clip model name, e.g. ViT-B-16-quickgelu "
-                        "(default: %(default)s)")
+                        f"(default: {DEFAULT_MODEL}, the bundled tiny CLIP; with --checkpoint: the checkpoint's)")
     p.add_argument("--pretrained", default=None,
                    help="open_clip pretrained tag (e.g. openai) or a local weights file "
                         "(OpenAI TorchScript .pt, state dict or .safetensors); default: the model's own weights "
@@ -210,7 +212,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     name, dataset_key, image_root, items, classnames = _eval_items(args)
-    backbone = load_clip(args.model, args.pretrained, device=args.device, dtype=_dtype(args.precision))
+    backbone = load_clip(args.model or DEFAULT_MODEL, args.pretrained, device=args.device,
+                         dtype=_dtype(args.precision))
     method = create_method("zeroshot", backbone, classnames,
                            {"templates": args.templates, "dataset": None if dataset_key == "folder" else dataset_key})
     method.progress = not args.quiet
@@ -312,7 +315,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         if args.protocol is None or args.dataset is None:
             raise ConfigError("eval needs --protocol and --dataset (or --checkpoint RUN_DIR)")
-        backbone = load_clip(args.model, args.pretrained, device=args.device, dtype=_dtype(args.precision))
+        backbone = load_clip(args.model or DEFAULT_MODEL, args.pretrained, device=args.device,
+                             dtype=_dtype(args.precision))
         settings = _settings(args, backbone, args.method, overrides.get("method", {}))
         _run_grid(args, lambda shots, seed: (settings, args.method), args.protocol, args.dataset,
                   args.shots or [16], args.seeds or [1], run_dirs=False)
@@ -323,8 +327,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     protocol = args.protocol or meta["protocol"]
     dataset = args.dataset or meta["dataset"]
     bb = meta["backbone"]
-    backbone = load_clip(bb["name"] if args.model == "vladapt-test-tiny" else args.model,
-                         bb["pretrained"] if args.pretrained is None else args.pretrained,
+    same = args.model is None or args.model == bb["name"]
+    backbone = load_clip(bb["name"] if same else args.model,
+                         (bb["pretrained"] if same else None) if args.pretrained is None else args.pretrained,
                          device=args.device, dtype=_dtype(args.precision))
 
     def from_checkpoint(method, splits, seed, run_dir):
@@ -349,7 +354,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     dist.init_distributed(args.device)
     method_config, train_config = resolve_run_config(args.method, args.protocol, args.config, args.overrides)
-    backbone = load_clip(args.model, args.pretrained, device=args.device, dtype=_dtype(args.precision))
+    backbone = load_clip(args.model or DEFAULT_MODEL, args.pretrained, device=args.device,
+                         dtype=_dtype(args.precision))
 
     def settings_for(shots: int, seed: int):
         def train_fn(method, splits, seed_, run_dir):

@@ -323,8 +323,8 @@ def load_clip(
             (``ViT-B-16``, ``ViT-B-16-quickgelu``, ...). OpenAI's weights were trained with QuickGELU:
             use the ``-quickgelu`` name with them (loading an OpenAI TorchScript archive or the
             ``openai`` tag switches to QuickGELU automatically).
-        pretrained: ``None`` (the bundled weights of a bundled model such as ``vladapt-tiny``, else
-            seeded random weights), an open_clip pretrained tag, or a local file.
+        pretrained: ``None`` (the bundled weights of a bundled model such as ``vladapt-tiny``, also
+            spelled ``"bundled"``; else seeded random weights), an open_clip pretrained tag, or a local file.
         device, dtype: where and in which precision the frozen weights are stored.
         seed: seed of the random weights when ``pretrained`` is ``None``.
         quick_gelu: force the activation; ``None`` follows the config / weights.
@@ -335,7 +335,7 @@ def load_clip(
     source = "random weights"
     sd: dict[str, Tensor] | None = None
     expected_fingerprint = None
-    if pretrained is None and name in BUNDLED_MODELS:
+    if name in BUNDLED_MODELS and pretrained in (None, "bundled"):
         sd, expected_fingerprint = _bundled_state_dict(name)
         source = f"bundled weights of {name!r}"
         pretrained = "bundled"
