@@ -169,6 +169,7 @@ def test_unknown_tag_lists_known_ones():
 def test_bf16_storage_runs_and_agrees_with_fp32(tiny, images, tokens):
     bb16 = load_clip(NAME, dtype=torch.bfloat16)
     assert bb16.model.visual.conv1.weight.dtype == torch.bfloat16
+    assert bb16.fingerprint == tiny.fingerprint  # names the source weights, whatever the storage precision
     with torch.no_grad():
         a = torch.nn.functional.cosine_similarity(bb16.model.encode_image(images).float(), tiny.model.encode_image(images), dim=-1)
         b = torch.nn.functional.cosine_similarity(bb16.model.encode_text(tokens).float(), tiny.model.encode_text(tokens), dim=-1)

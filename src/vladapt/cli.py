@@ -337,7 +337,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"checkpoint {args.checkpoint} was trained on classes {meta['classnames'][:5]}..., "
                               f"but this run trains on {list(splits.classnames)[:5]}...: use the checkpoint's "
                               "dataset, protocol, shots and seed")
-        load_checkpoint(args.checkpoint, method, backbone.fingerprint if args.precision == "fp32" else None)
+        load_checkpoint(args.checkpoint, method, backbone.fingerprint)
 
     settings = _settings(args, backbone, meta["method"], meta["method_config"], from_checkpoint)
     _run_grid(args, lambda shots, seed: (settings, meta["method"]), protocol, dataset,

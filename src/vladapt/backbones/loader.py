@@ -108,7 +108,8 @@ class Backbone:
 
     @property
     def fingerprint(self) -> str:
-        """A hash of the frozen weights (sha256 over fp32 tensors in key order), 16 hex digits."""
+        """A hash of the source weights (sha256 over their fp32 values in key order, taken before any
+        cast to a lower storage precision), 16 hex digits."""
         if self._fingerprint is None:
             self._fingerprint = weights_fingerprint(self.model.state_dict())
         return self._fingerprint
@@ -367,16 +368,16 @@ def load_clip(
         load_state_dict_into(model, _strip_openai_extras(sd), source)
     model.freeze().eval()
     fingerprint = None
-    if expected_fingerprint is not None:
+    if expected_fingerprint is not None or dtype != torch.float32:
+        # The fingerprint names the source weights: computed before any cast to a lower precision,
+        # so a checkpoint trained on a bf16 copy matches the same weights loaded in fp32.
         fingerprint = weights_fingerprint(model.state_dict())
-        if fingerprint != expected_fingerprint:
-            raise BackboneError(
-                f"the bundled weights of {name!r} do not match their recorded fingerprint "
-                f"({fingerprint} != {expected_fingerprint}); reinstall vladapt"
-            )
+    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+        raise BackboneError(
+            f"the bundled weights of {name!r} do not match their recorded fingerprint "
+            f"({fingerprint} != {expected_fingerprint}); reinstall vladapt"
+        )
     model.to(device=device, dtype=dtype)
-    if dtype != torch.float32:
-        fingerprint = None  # the fingerprint is of the fp32 weights; recompute on the cast copy
     size = cfg.vision.image_size
     backbone = Backbone(
         model=model,
