@@ -83,8 +83,27 @@ POSITION_PHRASES: dict[str, tuple[str, ...]] = {
 _BG_PREPOSITIONS = ("on", "against", "in front of", "over")
 _PREFIXES = ("", "", "a photo of ", "an image of ", "a picture of ", "a rendering of ", "a drawing of ")
 
+# Phrases that name the background pattern on its own, for captions about the background only
+# (true of every rendering: the objects are drawn over the pattern, never instead of it).
+BACKGROUND_ONLY_PHRASES: dict[str, tuple[str, ...]] = {
+    "plain": ("a plain background", "a plain, uniform background", "a plain solid background"),
+    "horizontal stripes": ("horizontal stripes", "a pattern of horizontal stripes", "a horizontal stripe pattern"),
+    "vertical stripes": ("vertical stripes", "a pattern of vertical stripes", "a vertical stripe pattern"),
+    "diagonal stripes": ("diagonal stripes", "a pattern of diagonal stripes", "a diagonal stripe pattern"),
+    "checkerboard": ("a checkerboard", "a checkerboard pattern", "a checkerboard texture", "a checkered pattern"),
+    "polka dots": ("polka dots", "a polka-dot pattern", "a polka dots texture", "a dotted pattern"),
+    "grid": ("a grid", "a grid pattern", "a grid texture", "a grid of thin lines"),
+    "crosshatch": ("crosshatching", "a crosshatch pattern", "a crosshatch texture", "a crosshatched pattern"),
+    "speckles": ("speckles", "a speckled texture", "a speckles pattern", "random speckles"),
+    "gradient": ("a gradient", "a smooth gradient", "a gradient texture", "a shaded gradient"),
+    "zigzag": ("a zigzag pattern", "a zigzag texture", "zigzag stripes", "a zigzag"),
+    "waves": ("waves", "a wave pattern", "a wavy texture", "a pattern of waves"),
+}
+
 # How often each attribute is mentioned; shape and colour most, as in real alt-text.
-_MENTION_P = {"shape": 0.85, "color": 0.75, "count": 0.6, "size": 0.45, "background": 0.45, "position": 0.45}
+_MENTION_P = {"shape": 0.85, "color": 0.75, "count": 0.6, "size": 0.45, "background": 0.85, "position": 0.45}
+# Of the captions that mention the background, the share that names nothing else.
+_BACKGROUND_ONLY_P = 0.15
 
 
 def with_article(phrase: str) -> str:
@@ -149,6 +168,9 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     ``"a big blue circle in the top left"``.
     """
     m = _choose_mentions(scene, rng)
+    if m.background and rng.random() < _BACKGROUND_ONLY_P:
+        text = pick(rng, _PREFIXES) + pick(rng, BACKGROUND_ONLY_PHRASES[scene.background])
+        return _finish(text, rng)
     be = "are" if scene.count > 1 else "is"
     pos = " " + pick(rng, POSITION_PHRASES[scene.position]) if m.position else ""
     bg_np = pick(rng, BACKGROUND_PHRASES[scene.background]) if m.background else ""
@@ -177,6 +199,11 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
             joiner = "behind" if " with " in bg_np or rng.random() < 0.5 else "with"
             text = f"{bg_np} {joiner} {np_}{pos}"
 
+    return _finish(text, rng)
+
+
+def _finish(text: str, rng: np.random.Generator) -> str:
+    """Random sentence case and full stop."""
     finish = rng.random(2)
     if finish[0] < 0.3:
         text = text[0].upper() + text[1:]

@@ -196,8 +196,8 @@ BACKGROUND_TONES: dict[str, tuple[str, ...]] = {
 }
 # Grey level of the base tone and the (signed) step to the pattern tone, per brightness.
 TONE_RANGES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
-    "light": ((200.0, 235.0), (-45.0, -30.0)),
-    "dark": ((25.0, 50.0), (30.0, 45.0)),
+    "light": ((200.0, 235.0), (-70.0, -50.0)),
+    "dark": ((25.0, 50.0), (50.0, 70.0)),
 }
 _TINT = 10.0  # max per-channel tint of the background greys; keeps them unnamed-colour neutral
 
