@@ -45,26 +45,31 @@ class ClassifierCache:
 
 
 @torch.no_grad()
-def encode_prompts(encode: Callable[[Tensor], Tensor], tokenizer: Callable[[list[str]], Tensor],
-                   prompts: list[str], device: torch.device, batch_size: int = 256,
-                   progress: bool = False, desc: str = "text") -> Tensor:
-    """Encode prompts in batches -> L2-normalized features ``[len(prompts), E]`` (fp32)."""
-    out = []
-    batches = range(0, len(prompts), batch_size)
-    for i in tqdm(batches, desc=desc, disable=not progress or len(batches) < 2, leave=False):
-        tokens = tokenizer(prompts[i : i + batch_size]).to(device)
-        out.append(F.normalize(encode(tokens).float(), dim=-1))
-    return torch.cat(out)
+def encode_tokens(encode: Callable[[Tensor], Tensor], tokens: Tensor, device: torch.device,
+                  batch_size: int = 256) -> Tensor:
+    """Encode token ids ``[N, L]`` in batches -> L2-normalized features ``[N, E]`` (fp32)."""
+    return torch.cat([F.normalize(encode(tokens[i : i + batch_size].to(device)).float(), dim=-1)
+                      for i in range(0, len(tokens), batch_size)])
 
 
 @torch.no_grad()
+def template_averaged_classifier(encode: Callable[[Tensor], Tensor], token_sets: Iterable[Tensor],
+                                 device: torch.device, batch_size: int = 256, progress: bool = False,
+                                 total: int | None = None) -> Tensor:
+    """CLIP's ensembling: ``token_sets`` yields one ``[C, L]`` token tensor per template; each is
+    encoded and L2-normalized, the features are averaged over templates and L2-normalized again."""
+    acc, n = None, 0
+    for tokens in tqdm(token_sets, desc="templates", total=total, leave=False,
+                       disable=not progress or (total or 0) < 2):
+        feats = encode_tokens(encode, tokens, device, batch_size)
+        acc = feats if acc is None else acc + feats
+        n += 1
+    return F.normalize(acc / n, dim=-1)
+
+
 def build_text_classifier(encode: Callable[[Tensor], Tensor], tokenizer: Callable[[list[str]], Tensor],
                           classnames: list[str], templates: list[str], device: torch.device,
                           batch_size: int = 256, progress: bool = False) -> Tensor:
-    """Template-averaged classifier ``[C, E]``: per template encode and L2-normalize every class's
-    prompt, average over templates, L2-normalize again (CLIP's ensembling)."""
-    acc = None
-    for t in tqdm(templates, desc="templates", disable=not progress or len(templates) < 2, leave=False):
-        feats = encode_prompts(encode, tokenizer, format_prompts(t, classnames), device, batch_size)
-        acc = feats if acc is None else acc + feats
-    return F.normalize(acc / len(templates), dim=-1)
+    """Template-averaged classifier ``[C, E]`` from class names and format-string templates."""
+    token_sets = (tokenizer(format_prompts(t, classnames)) for t in templates)
+    return template_averaged_classifier(encode, token_sets, device, batch_size, progress, total=len(templates))

@@ -31,7 +31,7 @@ from torch import Tensor
 from vladapt.backbones import Backbone, ForwardContext
 from vladapt.errors import ConfigError
 from vladapt.methods.base import Method, StepOutput
-from vladapt.methods.classifier import ClassifierCache, weights_state
+from vladapt.methods.classifier import ClassifierCache, template_averaged_classifier, weights_state
 from vladapt.methods.heba_modules import SlowFastScale, attach_adapters, build_heba_adapters, detach_adapters
 from vladapt.methods.negatives import sample_step_classes
 from vladapt.methods.prompts import PromptBank, load_description_bank
@@ -105,6 +105,7 @@ class HeBA(Method):
         cfg = self.config
         self.bank = PromptBank.build(self.classnames, self._descriptions, prefix=cfg.text_prefix,
                                      reference_fallback=cfg.reference_prompts, strict=cfg.strict_descriptions)
+        self._bank_version = getattr(self, "_bank_version", 0) + 1  # the classifier cache's key
         flat = [p for per_class in self.bank.prompts for p in per_class]
         tokens = self.backbone.tokenizer(flat)
         self._tokens = tokens.view(self.bank.num_classes, self.bank.num_templates, -1)  # [C, T, L]
@@ -151,25 +152,17 @@ class HeBA(Method):
         scale = self.current_eval_scale()
         return ForwardContext(lambda tower, layer: scale)
 
-    @torch.no_grad()
     def _compute_text_classifier(self) -> Tensor:
-        bs = self.config.text_batch_size
-        acc = None
+        ctx = self._eval_context()
+        token_sets = (self._tokens[:, t] for t in range(self.bank.num_templates))
         with self.attached():
-            for t in range(self.bank.num_templates):
-                tokens = self._tokens[:, t]
-                feats = torch.cat([
-                    F.normalize(self.clip.encode_text(tokens[i : i + bs].to(self.device), self._eval_context())
-                                .float(), dim=-1)
-                    for i in range(0, len(tokens), bs)
-                ])
-                acc = feats if acc is None else acc + feats
-        return F.normalize(acc / self.bank.num_templates, dim=-1)
+            return template_averaged_classifier(lambda tokens: self.clip.encode_text(tokens, ctx), token_sets,
+                                                self.device, self.config.text_batch_size, self.progress,
+                                                total=self.bank.num_templates)
 
     def text_classifier(self) -> Tensor:
         """``[C, E]``: per template the adapted text features, L2-normalized, averaged, normalized."""
-        key = (tuple(self.classnames), tuple(map(tuple, self.bank.prompts)), self.current_eval_scale(),
-               weights_state([self.clip, self.adapters]))
+        key = (self._bank_version, self.current_eval_scale(), weights_state([self.clip, self.adapters]))
         return self._cache.get(key, self._compute_text_classifier)
 
     def forward(self, images: Tensor) -> Tensor:

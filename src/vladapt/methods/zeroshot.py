@@ -45,7 +45,11 @@ class ZeroShotCLIP(Method):
 
     @property
     def templates(self) -> list[str]:
-        return resolve_templates(self._template_spec, self.dataset)
+        # Resolved once per (spec, dataset), not on every evaluation batch.
+        key = (repr(self._template_spec), self.dataset)
+        if getattr(self, "_resolved", (None, None))[0] != key:
+            self._resolved = (key, resolve_templates(self._template_spec, self.dataset))
+        return self._resolved[1]
 
     def set_templates(self, templates: str | list[str]) -> None:
         resolve_templates(templates, self.dataset)  # fail now, not at the next evaluation
