@@ -98,6 +98,24 @@ def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
         resolve_run_config("heba", "cross_dataset", path=bad)
 
 
+def test_crop_scale_option(tiny):
+    from vladapt.engine.train import _train_transform
+
+    with pytest.raises(ConfigError, match=r"train\.crop_scale must be two area fractions"):
+        resolve_run_config("heba", "base2new", overrides=["train.crop_scale=[0.5, 0.2]"])
+    assert _train_transform(tiny, quick_cfg()) is tiny.train_transform  # the field's (0.08, 1)
+    # [1, 1] keeps the whole image: the training view is the test view or its mirror image
+    arr = (torch.rand(40, 40, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    image = Image.fromarray(arr)
+    whole = tiny.test_transform(image)
+    keep = _train_transform(tiny, quick_cfg(crop_scale=[1.0, 1.0]))
+    for _ in range(8):
+        view = keep(image)
+        assert torch.equal(view, whole) or torch.equal(view, whole.flip(-1))
+    crop = _train_transform(tiny, quick_cfg(crop_scale=[0.1, 0.2]))
+    assert not any(torch.equal(crop(image), whole) for _ in range(4))
+
+
 def test_dassl_learning_rate_schedule():
     cfg = quick_cfg(epochs=10, lr=0.1)
     assert lr_at_epoch(cfg, 0) == pytest.approx(0.1)

@@ -19,6 +19,8 @@ def test_reduced_demo_heba_beats_zero_shot_on_base(tmp_path, capsys):
     assert recs["heba"]["trained"] and not recs["zeroshot"]["trained"]
     assert recs["heba"]["backbone"]["name"] == "vladapt-tiny" and recs["heba"]["backbone"]["pretrained"] == "bundled"
     assert heba["base"]["accuracy"] >= zs["base"]["accuracy"] + 5
+    # the demo trains with its packaged configuration (configs/heba/demo.yaml), not the base2new one
+    assert recs["heba"]["method_config"]["scale"] == 0.1
     assert heba["base"]["total"] == zs["base"]["total"] == 8 * 10  # 8 base classes x 10 test images
     assert (out / "report.md").read_text().startswith("# vladapt demo")
     assert (out / "base2new.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

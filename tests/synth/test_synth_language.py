@@ -149,8 +149,8 @@ def test_captions_are_varied_and_cover_every_attribute() -> None:
         assert mentions[key] > 0.25 * len(pairs), key
     assert mentions["position"] > 0.05 * len(pairs)
     # Backgrounds are low-contrast and easy to ignore: most captions name them, some name nothing else.
-    assert mentions["background"] > 0.8 * len(pairs)
-    assert mentions["background only"] > 0.08 * len(pairs)
+    assert mentions["background"] > 0.75 * len(pairs)  # named in 80%
+    assert mentions["background only"] > 0.07 * len(pairs)  # 80% x 12% alone, plus chance
     assert mentions["all"] > 0.02 * len(pairs) and mentions["one"] > 0.02 * len(pairs)
 
 

@@ -5,8 +5,9 @@ zero-shot CLIP and every trainable method through base-to-new (few-shot sampling
 base classes, evaluation on base and new), and writes the result records, a Markdown table and a
 PNG bar chart.
 
-Trainable methods use their ``demo`` run config when vladapt ships one (hyper-parameters chosen on
-the synthetic validation splits, never on test), else their ``base2new`` config.
+Trainable methods use their ``demo`` run config when vladapt ships one (hyper-parameters chosen by
+``benchmarks/tune_demo.py`` on a copy of the synthetic datasets generated with another seed, never
+on the demo's test images), else their ``base2new`` config.
 """
 
 from __future__ import annotations

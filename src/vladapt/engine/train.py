@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from vladapt.backbones.transforms import train_transform
 from vladapt.config import to_dict
 from vladapt.data import DatasetSplits, Datum
 from vladapt.data.dataset import load_image
@@ -54,10 +55,16 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_clip: float | None = field(default=None, metadata={"min": 0.0})
     workers: int = field(default=0, metadata={"min": 0})
+    # Area range of RandomResizedCrop (Dassl's INPUT.RRCROP_SCALE); the field's default crops down
+    # to 8% of the image. [1.0, 1.0] keeps the whole image (flip only).
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
 
     def validate(self) -> None:
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas must have two values, got {self.betas}")
+        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ConfigError(f"train.crop_scale must be two area fractions 0 < low <= high <= 1, "
+                              f"got {self.crop_scale}")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ConfigError(f"train.warmup_epochs ({self.warmup_epochs}) must be below train.epochs ({self.epochs})")
 
@@ -95,6 +102,13 @@ class StepInfo:
     global_labels: torch.Tensor
     local: slice
     batch_size: int
+
+
+def _train_transform(backbone, cfg: TrainConfig):
+    """The backbone's training transform for the field's crop range, else the same pipeline with ``cfg.crop_scale``."""
+    if tuple(cfg.crop_scale) == (0.08, 1.0):
+        return backbone.train_transform
+    return train_transform(backbone.image_size, backbone.mean, backbone.std, scale=tuple(cfg.crop_scale))
 
 
 class _SeededAugmentation(Dataset):
@@ -204,7 +218,7 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
                                   "resume with the same command, or start a new run directory")
         start = done["epoch"]
         logs = _read_log(run_dir / "log.jsonl", start)
-    dataset = _SeededAugmentation(items, splits.image_root, backbone.train_transform, seed)
+    dataset = _SeededAugmentation(items, splits.image_root, _train_transform(backbone, cfg), seed)
     labels_all = torch.tensor([d.label for d in items])
     for epoch in range(start, cfg.epochs):
         lr = lr_at_epoch(cfg, epoch)

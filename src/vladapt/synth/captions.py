@@ -101,9 +101,9 @@ BACKGROUND_ONLY_PHRASES: dict[str, tuple[str, ...]] = {
 }
 
 # How often each attribute is mentioned; shape and colour most, as in real alt-text.
-_MENTION_P = {"shape": 0.85, "color": 0.75, "count": 0.6, "size": 0.45, "background": 0.85, "position": 0.45}
+_MENTION_P = {"shape": 0.85, "color": 0.75, "count": 0.6, "size": 0.45, "background": 0.8, "position": 0.45}
 # Of the captions that mention the background, the share that names nothing else.
-_BACKGROUND_ONLY_P = 0.15
+_BACKGROUND_ONLY_P = 0.12
 
 
 def with_article(phrase: str) -> str:

@@ -1,7 +1,7 @@
 """Pretraining vladapt's tiny CLIP on the synthetic image-text world (the bundled ``vladapt-tiny``).
 
     >>> from vladapt.synth.pretrain import PretrainConfig, pretrain
-    >>> result = pretrain(PretrainConfig(steps=900, seed=0), "vladapt-tiny.safetensors", log_path="pretrain.jsonl")
+    >>> result = pretrain(PretrainConfig(steps=1000, seed=0), "vladapt-tiny.safetensors", log_path="pretrain.jsonl")
 
 What it does:
 
@@ -119,7 +119,7 @@ class PretrainConfig:
     """
 
     seed: int = 0
-    steps: int = 900
+    steps: int = 1000
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.1

@@ -37,7 +37,7 @@ __all__ = [
 
 # Bump whenever the same (seed, index) would produce different pixels or text; dataset manifests
 # record it so stale generated datasets are rebuilt.
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 
 StyleMix = Sequence[tuple[Style, float]]
 
