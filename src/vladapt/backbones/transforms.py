@@ -25,8 +25,12 @@ class ToRGB:
         return "ToRGB()"
 
 
+# Area range of the training crop in the field's protocol (Dassl's INPUT.RRCROP_SCALE).
+DEFAULT_CROP_SCALE: tuple[float, float] = (0.08, 1.0)
+
+
 def train_transform(size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                    scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
+                    scale: tuple[float, float] = DEFAULT_CROP_SCALE) -> T.Compose:
     return T.Compose([
         ToRGB(),
         T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vladapt.backbones.transforms import train_transform
+from vladapt.backbones.transforms import DEFAULT_CROP_SCALE, train_transform
 from vladapt.config import to_dict
 from vladapt.data import DatasetSplits, Datum
 from vladapt.data.dataset import load_image
@@ -57,7 +57,7 @@ class TrainConfig:
     workers: int = field(default=0, metadata={"min": 0})
     # Area range of RandomResizedCrop (Dassl's INPUT.RRCROP_SCALE); the field's default crops down
     # to 8% of the image. [1.0, 1.0] keeps the whole image (flip only).
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_scale: list[float] = field(default_factory=lambda: list(DEFAULT_CROP_SCALE))
 
     def validate(self) -> None:
         if len(self.betas) != 2:
@@ -106,7 +106,7 @@ class StepInfo:
 
 def _train_transform(backbone, cfg: TrainConfig):
     """The backbone's training transform for the field's crop range, else the same pipeline with ``cfg.crop_scale``."""
-    if tuple(cfg.crop_scale) == (0.08, 1.0):
+    if tuple(cfg.crop_scale) == DEFAULT_CROP_SCALE:
         return backbone.train_transform
     return train_transform(backbone.image_size, backbone.mean, backbone.std, scale=tuple(cfg.crop_scale))
 
