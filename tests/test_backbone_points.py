@@ -82,7 +82,7 @@ def test_identity_modules_everywhere_change_nothing(tiny, images, tokens):
         ref_img, ref_txt = m.encode_image(images), m.encode_text(tokens)
     keys_before = list(m.state_dict())
     params_before = [id(p) for p in m.parameters()]
-    records = {p.name: Record(additive=p.kind == "block") for p in m.insertion_points()}
+    records = {p.name: Record(additive=p.kind in ("block", "block_ln1")) for p in m.insertion_points()}
     for p in m.insertion_points():
         m.attach(p, records[p.name])
     try:
@@ -99,7 +99,7 @@ def test_identity_modules_everywhere_change_nothing(tiny, images, tokens):
 
 
 @pytest.mark.parametrize("tower", ["visual", "text"])
-@pytest.mark.parametrize("kind", ["attn_in", "mlp_hidden", "block"])
+@pytest.mark.parametrize("kind", ["attn_in", "mlp_hidden", "block", "block_ln1", "block_out"])
 def test_each_block_point_changes_only_its_block_onward(tiny, images, tokens, tower, kind):
     m = tiny.model
     other = "text" if tower == "visual" else "visual"

@@ -195,7 +195,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block with the ``attn_in``, ``mlp_hidden`` and ``block`` insertion points."""
+    """Pre-LN transformer block with the ``attn_in``, ``mlp_hidden``, ``block``, ``block_ln1`` and ``block_out`` points."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool,
                  tower: str, index: int, layout: TokenLayout) -> None:
@@ -211,6 +211,8 @@ class Block(nn.Module):
             "attn_in": InsertionPoint(tower, "attn_in", index, width, layout),
             "mlp_hidden": InsertionPoint(tower, "mlp_hidden", index, hidden, layout),
             "block": InsertionPoint(tower, "block", index, width, layout),
+            "block_ln1": InsertionPoint(tower, "block_ln1", index, width, layout),
+            "block_out": InsertionPoint(tower, "block_out", index, width, layout),
         }
         # Attached modules are owned (and registered) by the method, not by the backbone: the
         # backbone's state dict and parameter list stay exactly those of the frozen CLIP.
@@ -219,6 +221,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
         attached = self.attached
         h = self.ln_1(x)
+        # the parallel branch fed with LN1(x) sees the unmodified attention input
+        parallel = attached["block_ln1"](h, ctx) if "block_ln1" in attached else None
         if "attn_in" in attached:
             h = attached["attn_in"](h, ctx).to(h.dtype)
         y = x + self.attn(h, causal=self.causal)
@@ -228,6 +232,10 @@ class Block(nn.Module):
         y = y + self.mlp.c_proj(self.act(u))
         if "block" in attached:
             y = y + attached["block"](x, ctx).to(y.dtype)
+        if parallel is not None:
+            y = y + parallel.to(y.dtype)
+        if "block_out" in attached:
+            y = attached["block_out"](y, ctx).to(y.dtype)
         return y
 
 

@@ -1,7 +1,7 @@
 """Insertion points, the per-forward context, the gradient-scale operator and the scaled residual.
 
 Methods attach trainable modules to a frozen backbone at named *insertion points* instead of copying
-or editing the transformer code (the PEFT idea). Per block of each tower there are three points and
+or editing the transformer code (the PEFT idea). Per block of each tower there are five points and
 each tower has one more at its output:
 
 ``attn_in``
@@ -11,6 +11,13 @@ each tower has one more at its output:
 ``block``
     parallel to the whole block: the module receives the block input and its output is *added* to
     the block output; width ``D``.
+``block_ln1``
+    parallel to the whole block like ``block``, but the module receives ``LN1(x)`` (the block's
+    own first LayerNorm of its input, before any ``attn_in`` module changes it); its output is
+    added to the block output (MMA, RMAdapter); width ``D``.
+``block_out``
+    the block output (after any parallel branch is added); the module's return value replaces
+    it; width ``D``.
 ``output``
     the final projected embedding of the tower, ``[B, E]``; width ``E``.
 
@@ -29,10 +36,10 @@ import torch
 from torch import Tensor, nn
 
 Tower = Literal["visual", "text"]
-PointKind = Literal["attn_in", "mlp_hidden", "block", "output"]
+PointKind = Literal["attn_in", "mlp_hidden", "block", "block_ln1", "block_out", "output"]
 
 TOWERS: tuple[str, ...] = ("visual", "text")
-POINT_KINDS: tuple[str, ...] = ("attn_in", "mlp_hidden", "block", "output")
+POINT_KINDS: tuple[str, ...] = ("attn_in", "mlp_hidden", "block", "block_ln1", "block_out", "output")
 
 
 @dataclass(frozen=True)

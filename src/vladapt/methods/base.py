@@ -24,6 +24,9 @@ class StepOutput:
     logits: Tensor | None = None
     labels: Tensor | None = None
     extras: dict[str, float] | None = None
+    # The forward context of the step (the scales drawn per (tower, block), auxiliary losses),
+    # for inspection and tests.
+    context: Any = None
 
 
 class Method(nn.Module):

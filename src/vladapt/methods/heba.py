@@ -133,7 +133,7 @@ class HeBA(Method):
             image = F.normalize(self.clip.encode_image(images, ctx).float(), dim=-1)
         logits = self.clip.logit_scale.exp().float() * image @ text.t()
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        return StepOutput(loss=loss, logits=logits, labels=y)
+        return StepOutput(loss=loss, logits=logits, labels=y, context=ctx)
 
     # ---------------------------------------------------------------- inference
     def current_eval_scale(self) -> float:
