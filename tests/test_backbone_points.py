@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from reference_models import open_clip_tiny
-from vladapt.backbones import CLIPConfig, CLIPModel, ForwardContext, InsertionPoint, load_clip
+from vladapt.backbones import LINEAR_POINT_KINDS, CLIPConfig, CLIPModel, ForwardContext, InsertionPoint, load_clip
 from vladapt.backbones.loader import load_state_dict_into
 from vladapt.errors import BackboneError
 
@@ -22,16 +22,17 @@ class AddConst(nn.Module):
 
 
 class Record(nn.Module):
-    """A no-op that remembers what it saw: identity, or zeros at a parallel (additive) point."""
+    """A no-op that remembers what it saw: identity, or zeros (of width ``out``) at an additive point."""
 
-    def __init__(self, additive: bool = False) -> None:
+    def __init__(self, additive: bool = False, out: int | None = None) -> None:
         super().__init__()
         self.seen = []
         self.additive = additive
+        self.out = out
 
     def forward(self, x, ctx):
         self.seen.append(x.detach().clone())
-        return torch.zeros_like(x) if self.additive else x
+        return x.new_zeros(*x.shape[:-1], self.out or x.shape[-1]) if self.additive else x
 
 
 def block_outputs(model: CLIPModel, tower: str, run):
@@ -82,7 +83,8 @@ def test_identity_modules_everywhere_change_nothing(tiny, images, tokens):
         ref_img, ref_txt = m.encode_image(images), m.encode_text(tokens)
     keys_before = list(m.state_dict())
     params_before = [id(p) for p in m.parameters()]
-    records = {p.name: Record(additive=p.kind in ("block", "block_ln1")) for p in m.insertion_points()}
+    additive = ("block", "block_ln1", *LINEAR_POINT_KINDS)
+    records = {p.name: Record(additive=p.kind in additive, out=p.width) for p in m.insertion_points()}
     for p in m.insertion_points():
         m.attach(p, records[p.name])
     try:

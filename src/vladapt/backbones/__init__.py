@@ -11,6 +11,7 @@ from vladapt.backbones.loader import (
 )
 from vladapt.backbones.model import CLIPConfig, CLIPModel, TextConfig, VisionConfig
 from vladapt.backbones.points import (
+    LINEAR_POINT_KINDS,
     POINT_KINDS,
     TOWERS,
     ForwardContext,
@@ -22,8 +23,8 @@ from vladapt.backbones.points import (
 from vladapt.backbones.transforms import CLIP_MEAN, CLIP_STD, test_transform, train_transform
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "POINT_KINDS", "TINY_CONFIGS", "TOWERS", "Backbone", "CLIPConfig", "CLIPModel",
-    "ForwardContext", "InsertionPoint", "ScaledResidual", "TextConfig", "TokenLayout", "Tokenizer", "VisionConfig",
-    "available_backbones", "grad_scale", "load_clip", "read_checkpoint", "test_transform", "train_transform",
-    "weights_fingerprint",
+    "CLIP_MEAN", "CLIP_STD", "LINEAR_POINT_KINDS", "POINT_KINDS", "TINY_CONFIGS", "TOWERS", "Backbone",
+    "CLIPConfig", "CLIPModel", "ForwardContext", "InsertionPoint", "ScaledResidual", "TextConfig", "TokenLayout",
+    "Tokenizer", "VisionConfig", "available_backbones", "grad_scale", "load_clip", "read_checkpoint",
+    "test_transform", "train_transform", "weights_fingerprint",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -171,10 +171,22 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, causal: bool = False, attached: Mapping[str, nn.Module] | None = None,
+                ctx: ForwardContext | None = None) -> Tensor:
+        """``[B, N, D]`` -> ``[B, N, D]``; ``attached`` may hold the block's ``attn_q``/``attn_k``/
+        ``attn_v``/``attn_out`` modules, whose deltas are added to those projections' outputs."""
         b, n, d = x.shape
-        qkv = F.linear(x.contiguous(), self.in_proj_weight, self.in_proj_bias)
+        x = x.contiguous()
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if attached:
+            # Deltas are added per head after the fused projection: the frozen path stays one
+            # matmul, and nothing is added (bit-identical outputs) where no module is attached.
+            q, k, v = (
+                t + attached[key](x, ctx).to(t.dtype).reshape(b, n, self.heads, -1).transpose(1, 2)
+                if key in attached else t
+                for key, t in (("attn_q", q), ("attn_k", k), ("attn_v", v))
+            )
         if x.device.type == "cpu" and torch.is_grad_enabled() and n <= 256:
             # Training through the block on a CPU: for CLIP's short sequences, explicit attention
             # (softmax in fp32) runs forward + backward ~1.5x faster than the flash kernel.
@@ -184,7 +196,11 @@ class Attention(nn.Module):
             out = scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        merged = out.transpose(1, 2).reshape(b, n, d)
+        y = self.out_proj(merged)
+        if attached and "attn_out" in attached:
+            y = y + attached["attn_out"](merged, ctx).to(y.dtype)
+        return y
 
 
 class MLP(nn.Module):
@@ -195,7 +211,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block with the ``attn_in``, ``mlp_hidden``, ``block``, ``block_ln1`` and ``block_out`` points."""
+    """Pre-LN transformer block with the ``attn_in``, ``mlp_hidden``, ``block``, ``block_ln1`` and ``block_out``
+    points and the linear-map points ``attn_q``, ``attn_k``, ``attn_v``, ``attn_out``, ``mlp_fc``, ``mlp_proj``."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool,
                  tower: str, index: int, layout: TokenLayout) -> None:
@@ -213,6 +230,9 @@ class Block(nn.Module):
             "block": InsertionPoint(tower, "block", index, width, layout),
             "block_ln1": InsertionPoint(tower, "block_ln1", index, width, layout),
             "block_out": InsertionPoint(tower, "block_out", index, width, layout),
+            **{k: InsertionPoint(tower, k, index, width, layout) for k in ("attn_q", "attn_k", "attn_v", "attn_out")},
+            "mlp_fc": InsertionPoint(tower, "mlp_fc", index, hidden, layout, in_width=width),
+            "mlp_proj": InsertionPoint(tower, "mlp_proj", index, width, layout, in_width=hidden),
         }
         # Attached modules are owned (and registered) by the method, not by the backbone: the
         # backbone's state dict and parameter list stay exactly those of the frozen CLIP.
@@ -225,11 +245,18 @@ class Block(nn.Module):
         parallel = attached["block_ln1"](h, ctx) if "block_ln1" in attached else None
         if "attn_in" in attached:
             h = attached["attn_in"](h, ctx).to(h.dtype)
-        y = x + self.attn(h, causal=self.causal)
-        u = self.mlp.c_fc(self.ln_2(y))
+        y = x + self.attn(h, causal=self.causal, attached=attached, ctx=ctx)
+        h = self.ln_2(y)
+        u = self.mlp.c_fc(h)
+        if "mlp_fc" in attached:
+            u = u + attached["mlp_fc"](h, ctx).to(u.dtype)
         if "mlp_hidden" in attached:
             u = attached["mlp_hidden"](u, ctx).to(u.dtype)
-        y = y + self.mlp.c_proj(self.act(u))
+        a = self.act(u)
+        m = self.mlp.c_proj(a)
+        if "mlp_proj" in attached:
+            m = m + attached["mlp_proj"](a, ctx).to(m.dtype)
+        y = y + m
         if "block" in attached:
             y = y + attached["block"](x, ctx).to(y.dtype)
         if parallel is not None:

@@ -1,13 +1,15 @@
 """Insertion points, the per-forward context, the gradient-scale operator and the scaled residual.
 
 Methods attach trainable modules to a frozen backbone at named *insertion points* instead of copying
-or editing the transformer code (the PEFT idea). Per block of each tower there are five points and
-each tower has one more at its output:
+or editing the transformer code (the PEFT idea). Per block of each tower there are five points that
+see or replace activations, six points on the block's linear maps, and each tower has one more
+point at its output:
 
 ``attn_in``
     the input of self-attention, i.e. ``LN1(x)``; width ``D``.
 ``mlp_hidden``
-    the MLP hidden pre-activation, i.e. ``W_fc LN2(x) + b_fc``; width ``mlp_ratio * D``.
+    the MLP hidden pre-activation, i.e. ``W_fc LN2(x) + b_fc`` (plus any ``mlp_fc`` delta); width
+    ``mlp_ratio * D``.
 ``block``
     parallel to the whole block: the module receives the block input and its output is *added* to
     the block output; width ``D``.
@@ -21,10 +23,26 @@ each tower has one more at its output:
 ``output``
     the final projected embedding of the tower, ``[B, E]``; width ``E``.
 
-An attached module is called as ``module(x, ctx)`` and returns a tensor of the same shape. Token
-tensors are batch-first ``[B, N, D]``; a visual point's :class:`TokenLayout` says where the CLS
-token is and how the patch tokens form a 2-D grid, so a spatial module can work on the grid and
-leave CLS untouched.
+Linear-map points (LoRA and other weight deltas): the module receives the *input* of one linear map
+of the block, ``[B, N, in_width]``, and returns a *delta* ``[B, N, width]`` that is added to that
+map's output, i.e. the map becomes ``W x + b + module(x)`` without copying the block:
+
+``attn_q``, ``attn_k``, ``attn_v``
+    the query / key / value slices of the fused in-projection; input: the attention input
+    (``LN1(x)`` after any ``attn_in`` module); ``in_width = width = D``.
+``attn_out``
+    the attention output projection; input: the merged heads before it; ``in_width = width = D``.
+``mlp_fc``
+    the MLP's first linear map; input: ``LN2(x)``; ``in_width = D``, ``width = mlp_ratio * D``.
+``mlp_proj``
+    the MLP's second linear map; input: the activation output; ``in_width = mlp_ratio * D``,
+    ``width = D``.
+
+An attached module is called as ``module(x, ctx)``; except at the linear-map points it returns a
+tensor of the same shape. Token tensors are batch-first ``[B, N, D]``; a point's ``width`` is the
+last dimension of what its module returns, ``in_width`` that of what it receives. A visual point's
+:class:`TokenLayout` says where the CLS token is and how the patch tokens form a 2-D grid, so a
+spatial module can work on the grid and leave CLS untouched.
 """
 
 from __future__ import annotations
@@ -36,10 +54,14 @@ import torch
 from torch import Tensor, nn
 
 Tower = Literal["visual", "text"]
-PointKind = Literal["attn_in", "mlp_hidden", "block", "block_ln1", "block_out", "output"]
+PointKind = Literal["attn_in", "mlp_hidden", "block", "block_ln1", "block_out",
+                    "attn_q", "attn_k", "attn_v", "attn_out", "mlp_fc", "mlp_proj", "output"]
 
 TOWERS: tuple[str, ...] = ("visual", "text")
-POINT_KINDS: tuple[str, ...] = ("attn_in", "mlp_hidden", "block", "block_ln1", "block_out", "output")
+# Points whose module returns a delta added to the output of one of the block's linear maps.
+LINEAR_POINT_KINDS: tuple[str, ...] = ("attn_q", "attn_k", "attn_v", "attn_out", "mlp_fc", "mlp_proj")
+POINT_KINDS: tuple[str, ...] = ("attn_in", "mlp_hidden", "block", "block_ln1", "block_out",
+                                *LINEAR_POINT_KINDS, "output")
 
 
 @dataclass(frozen=True)
@@ -80,13 +102,23 @@ class TokenLayout:
 
 @dataclass(frozen=True)
 class InsertionPoint:
-    """One place of a backbone where a method may attach a module."""
+    """One place of a backbone where a method may attach a module.
+
+    ``width`` is the last dimension of what the module returns; ``in_width`` that of what it
+    receives. They differ only at the linear-map points ``mlp_fc`` (``D -> mlp_ratio * D``) and
+    ``mlp_proj`` (``mlp_ratio * D -> D``); ``in_width`` defaults to ``width``.
+    """
 
     tower: str
     kind: str
     layer: int | None
     width: int
     layout: TokenLayout | None = None
+    in_width: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.in_width is None:
+            object.__setattr__(self, "in_width", self.width)
 
     @property
     def name(self) -> str:
