@@ -1,4 +1,4 @@
-"""Weight-delta (LoRA) points on the linear maps of a block."""
+"""Learnable text context (CoOp) and weight-delta (LoRA) points on the linear maps of a block."""
 
 from __future__ import annotations
 
@@ -16,6 +16,105 @@ from vladapt.errors import BackboneError
 
 def randn(*shape, seed=0, std=0.02):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * std
+
+
+# ------------------------------------------------------------------------------ learned text context
+def test_end_position_equals_coop_placeholder_replacement(tiny):
+    # CoOp builds "X X X X {name}." and swaps the placeholders' embeddings for the context vectors.
+    m, tok = tiny.model, tiny.tokenizer
+    ctx = randn(4, 128)
+    names = ["red star.", "dog.", "a striped background."]
+    placeholder = tok(["X X X X " + n for n in names])
+    ref = m.embed_text(placeholder).clone()
+    ref[:, 1:5] = ctx
+    ref_eot = placeholder.argmax(-1)
+    x, eot = m.context_prompt_embeddings(tok(names), ctx)
+    assert torch.equal(x, ref) and torch.equal(eot, ref_eot)
+    with torch.no_grad():
+        ours = m.encode_text_with_context(tok(names), ctx)
+        assert torch.equal(ours, m.encode_text_embeddings(ref, ref_eot))
+        assert torch.equal(m.encode_text_with_context(tok(names), ctx, normalize=True), F.normalize(ours, dim=-1))
+
+
+def test_context_initialized_from_words_equals_the_written_prompt(tiny):
+    m, tok = tiny.model, tiny.tokenizer
+    ctx = m.context_from_text(tok("a photo of a"))
+    assert ctx.shape == (4, 128) and not ctx.requires_grad
+    assert torch.equal(ctx, m.context_from_text(tok("a photo of a")[0]))
+    with torch.no_grad():
+        got = m.encode_text_with_context(tok(["red star.", "dog."]), ctx)
+        assert torch.equal(got, m.encode_text(tok(["a photo of a red star.", "a photo of a dog."])))
+    with pytest.raises(BackboneError, match="no tokens"):
+        m.context_from_text(tok(""))
+    with pytest.raises(BackboneError, match="one text"):
+        m.context_from_text(tok(["a", "b"]))
+
+
+def test_gradient_reaches_shared_and_class_specific_context_only(tiny):
+    m, tok = tiny.model, tiny.tokenizer
+    tokens = tok(["red star.", "dog."])
+    shared = nn.Parameter(randn(4, 128))
+    m.encode_text_with_context(tokens, shared).sum().backward()
+    assert shared.grad is not None and (shared.grad.abs().sum(-1) > 0).all()
+    specific = nn.Parameter(torch.stack([randn(4, 128, seed=1), randn(4, 128, seed=2)]))
+    feats = m.encode_text_with_context(tokens, specific)
+    feats[0].sum().backward()
+    assert specific.grad[0].abs().sum() > 0 and torch.equal(specific.grad[1], torch.zeros(4, 128))
+    assert all(p.grad is None for p in m.parameters())
+    with torch.no_grad():  # class i is prompted with its own context
+        alone = m.encode_text_with_context(tokens[1:], specific[1])
+    assert torch.allclose(feats[1], alone[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("n_ctx", [4, 3])
+def test_front_and_middle_equal_hand_built_sequences(tiny, n_ctx):
+    m, tok = tiny.model, tiny.tokenizer
+    tokens = tok(["red star.", "dog."])  # names of 2 and 1 tokens
+    ctx = randn(2, n_ctx, 128)
+    e = m.embed_text(tokens)
+    half = n_ctx // 2
+    for position, build in {
+        "front": lambda i, k: [e[i, :1 + k], ctx[i], e[i, 1 + k:]],
+        "middle": lambda i, k: [e[i, :1], ctx[i, :half], e[i, 1:1 + k], ctx[i, half:], e[i, 1 + k:]],
+    }.items():
+        x, eot = m.context_prompt_embeddings(tokens, ctx, position)
+        ref = torch.stack([torch.cat(build(i, k))[:77] for i, k in enumerate([2, 1])])
+        assert torch.equal(x, ref), position
+        assert eot.tolist() == [4 + n_ctx, 3 + n_ctx]
+    # a prompt without the closing "." names its length explicitly
+    bare = tok(["red star"])
+    x, eot = m.context_prompt_embeddings(bare, ctx[0], "front", name_lengths=[2])
+    eb = m.embed_text(bare)[0]
+    assert torch.equal(x[0], torch.cat([eb[:3], ctx[0], eb[3:]])[:77]) and eot.tolist() == [3 + n_ctx]
+
+
+def test_prompt_that_no_longer_fits_is_an_error(tiny):
+    m, tok = tiny.model, tiny.tokenizer
+    tokens = tok(["dog.", " ".join(["star"] * 70) + ".", " ".join(["star"] * 71) + "."])
+    assert tokens.argmax(-1).tolist() == [3, 72, 73]
+    x, eot = m.context_prompt_embeddings(tokens[:2], randn(4, 128))  # EOT lands in the last slot
+    assert eot.tolist() == [7, 76] and torch.equal(x[1, 76], m.embed_text(tokens[1:2, 72])[0])
+    with pytest.raises(BackboneError, match=r"class 2 \(EOT at position 73\) needs 78 positions.*context length 77"):
+        m.context_prompt_embeddings(tokens, randn(4, 128))
+    with pytest.raises(BackboneError, match=r"class 1 .*also classes \[2\]"):
+        m.encode_text_with_context(tokens, randn(5, 128), class_position="front")
+
+
+def test_context_argument_errors(tiny):
+    m, tok = tiny.model, tiny.tokenizer
+    tokens = tok(["red star.", "dog."])
+    with pytest.raises(BackboneError, match=r"\[n_ctx, 128\]"):
+        m.context_prompt_embeddings(tokens, randn(4, 64))
+    with pytest.raises(BackboneError, match="for 2 prompts"):
+        m.context_prompt_embeddings(tokens, randn(3, 4, 128))
+    with pytest.raises(BackboneError, match="class_position"):
+        m.context_prompt_embeddings(tokens, randn(4, 128), "start")
+    with pytest.raises(BackboneError, match=r"class 1"):
+        m.context_prompt_embeddings(tokens, randn(4, 128), "middle", name_lengths=[2, 3])
+    with pytest.raises(BackboneError, match="name_lengths"):
+        m.context_prompt_embeddings(tokens, randn(4, 128), "front", name_lengths=[2])
+    with pytest.raises(BackboneError, match=r"\[C, 77\]"):
+        m.context_prompt_embeddings(tokens[:, :10], randn(4, 128))
 
 
 # ------------------------------------------------------------------------------- linear-map points

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -429,6 +429,107 @@ class CLIPModel(nn.Module):
         if "output" in self.text_attached:
             feats = self.text_attached["output"](feats, ctx).to(feats.dtype)
         return F.normalize(feats, dim=-1) if normalize else feats
+
+    # ------------------------------------------------- learned text context
+    def context_from_text(self, tokens: Tensor) -> Tensor:
+        """Token ids of one text, ``[L]`` or ``[1, L]`` (the tokenizer's output, e.g. for "a photo of a")
+        -> the embeddings of its tokens between SOT (position 0) and EOT (the highest id), ``[n, D]``.
+
+        CoOp's ``ctx_init``: a detached copy, ready to become the method's learnable context.
+        """
+        ids = tokens[0] if tokens.ndim == 2 and tokens.shape[0] == 1 else tokens
+        if ids.ndim != 1:
+            raise BackboneError(f"expected the token ids of one text, [L] or [1, L]; got {list(tokens.shape)}")
+        eot = int(ids.argmax())
+        if eot < 2:
+            raise BackboneError("the text has no tokens between SOT and EOT to initialize context vectors from")
+        return self.embed_text(ids[1:eot]).detach().clone()
+
+    def context_prompt_embeddings(self, tokens: Tensor, context: Tensor, class_position: str = "end",
+                                  name_lengths: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Insert learned context vectors into class-name prompts (CoOp) -> (embeddings ``[C, L, D]``,
+        EOT index ``[C]``), to feed :meth:`encode_text_embeddings`.
+
+        ``tokens`` ``[C, L]``: the tokenizer's ids of the prompts *without* context, e.g. "red star."
+        -> ``[SOT] red star . [EOT] 0 ...``. ``context``: ``[n, D]`` shared by all classes or
+        ``[C, n, D]`` class-specific. The ``n`` vectors are inserted and the tokens after them move
+        right by ``n`` (EOT included; only padding drops off the end). ``class_position`` as CoOp's
+        ``CLASS_TOKEN_POSITION``::
+
+            "end":     [SOT] ctx_1..ctx_n [name] . [EOT]
+            "middle":  [SOT] ctx_1..ctx_{n//2} [name] ctx_{n//2+1}..ctx_n . [EOT]
+            "front":   [SOT] [name] ctx_1..ctx_n . [EOT]
+
+        "middle" and "front" need each class name's length in tokens: ``name_lengths`` ``[C]``, or by
+        default every token between SOT and EOT except the last one (``EOT index - 2``), which is
+        right for CoOp's prompts ``"{name}."`` ("." is one token). For prompts without that single
+        closing token, pass ``name_lengths`` (e.g. the token count of each name tokenized alone).
+        "end" ignores ``name_lengths``.
+
+        Gradients flow into ``context``. A prompt whose EOT would be pushed past the context length
+        is a :class:`BackboneError`, never a silent truncation.
+        """
+        if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
+            raise BackboneError(
+                f"expected token ids of shape [C, {self.context_length}], got {list(tokens.shape)}; "
+                "use the backbone's tokenizer"
+            )
+        c, length = tokens.shape
+        width = self.cfg.text.width
+        if context.ndim not in (2, 3) or context.shape[-1] != width or (context.ndim == 3 and context.shape[0] != c):
+            raise BackboneError(
+                f"expected context vectors [n_ctx, {width}] or [{c}, n_ctx, {width}] for {c} prompts, "
+                f"got {list(context.shape)}"
+            )
+        if class_position not in ("end", "middle", "front"):
+            raise BackboneError(f"unknown class_position {class_position!r}; choose 'end', 'middle' or 'front'")
+        n = context.shape[-2]
+        eot = tokens.argmax(dim=-1)
+        too_long = (eot + n >= length).nonzero().flatten().tolist()
+        if too_long:
+            i, more = too_long[0], too_long[1:]
+            raise BackboneError(
+                f"with {n} context tokens the prompt of class {i} (EOT at position {int(eot[i])}) needs "
+                f"{int(eot[i]) + n + 1} positions, more than the context length {length}"
+                + (f"; also classes {more[:10]}{' and more' if len(more) > 10 else ''}" if more else "")
+                + ": shorten the class names or use fewer context tokens"
+            )
+        if class_position == "end":
+            k = torch.zeros_like(eot)  # with all context before the name, its length is irrelevant
+        else:
+            k = eot - 2 if name_lengths is None else torch.as_tensor(name_lengths, device=tokens.device).long()
+            if k.shape != eot.shape:
+                raise BackboneError(f"name_lengths: expected one length per prompt ({c}), got shape {list(k.shape)}")
+            bad = ((k < 0) | (k > eot - 1)).nonzero().flatten().tolist()
+            if bad:
+                i = bad[0]
+                raise BackboneError(
+                    f"class {i}: a name of {int(k[i])} tokens does not fit between SOT and EOT (at position "
+                    f"{int(eot[i])}); pass name_lengths, the number of tokens of each class name"
+                )
+        # Output position j holds [SOT], the first h context vectors, the k name tokens, the other
+        # n - h context vectors, then the remaining tokens shifted by n. One gather per source keeps
+        # every class in one batched op and copies values exactly.
+        h = {"end": n, "middle": n // 2, "front": 0}[class_position]
+        j = torch.arange(length, device=tokens.device).unsqueeze(0)
+        k = k.unsqueeze(1)
+        first, second = (j >= 1) & (j <= h), (j > h + k) & (j <= n + k)
+        tok_idx = torch.where(j <= h + k, j - h, j - n).clamp(min=0).expand(c, length)
+        x = self.embed_text(tokens.gather(1, tok_idx))
+        if n:
+            ctx_idx = torch.where(first, j - 1, j - k - 1).clamp(0, n - 1).expand(c, length)
+            shared = context.unsqueeze(0).expand(c, -1, -1) if context.ndim == 2 else context
+            vecs = shared.to(x.dtype).gather(1, ctx_idx.unsqueeze(-1).expand(-1, -1, width))
+            x = torch.where((first | second).unsqueeze(-1), vecs, x)
+        return x, eot + n
+
+    def encode_text_with_context(self, tokens: Tensor, context: Tensor, ctx: ForwardContext | None = None,
+                                 class_position: str = "end", normalize: bool = False, *,
+                                 name_lengths: Sequence[int] | Tensor | None = None, truncate: bool = True) -> Tensor:
+        """Class-name prompts ``[C, L]`` with learned context ``[n, D]`` / ``[C, n, D]`` -> ``[C, E]``:
+        :meth:`context_prompt_embeddings` followed by :meth:`encode_text_embeddings`."""
+        x, eot = self.context_prompt_embeddings(tokens, context, class_position, name_lengths)
+        return self.encode_text_embeddings(x, eot, ctx, normalize, truncate)
 
     # ------------------------------------------------------- insertion API
     def _blocks(self, tower: str) -> nn.ModuleList:
