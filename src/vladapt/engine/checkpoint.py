@@ -3,7 +3,7 @@
 Layout of a run directory::
 
     run_dir/
-      checkpoint/weights.safetensors   trainable weights of the method
+      checkpoint/weights.safetensors   the method's checkpoint state (trainable weights, caches)
       checkpoint/meta.json             method, configs, backbone name and fingerprint, class names,
                                        epoch, seed, vladapt version
       checkpoint/optimizer.pt          optimizer state (for --resume; tensors only, weights_only load)
@@ -37,7 +37,7 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 def save_checkpoint(run_dir: str | Path, method, meta: dict[str, Any], optimizer=None) -> Path:
     """Write weights, optimizer state and then the sidecar (the sidecar last: it marks completeness)."""
     ckpt = checkpoint_dir(run_dir)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in method.trainable_state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in method.checkpoint_state().items()}
     atomic_write_bytes(ckpt / WEIGHTS, st_save(tensors))
     if optimizer is not None:
         buf = io.BytesIO()
@@ -69,13 +69,11 @@ def load_checkpoint(run_dir: str | Path, method, backbone_fingerprint: str | Non
         )
     ckpt = checkpoint_dir(run_dir)
     tensors = st_load((ckpt / WEIGHTS).read_bytes())
-    own = method.trainable_state_dict()
-    if set(tensors) != set(own):
-        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        raise ConfigError(f"checkpoint {run_dir} does not fit this method's configuration "
-                          f"(missing {missing[:3]}, unexpected {extra[:3]}); use the checkpoint's config")
-    result = method.load_state_dict(tensors, strict=False)
-    assert not result.unexpected_keys
+    try:
+        method.load_checkpoint_state(tensors)
+    except ValueError as e:
+        raise ConfigError(f"checkpoint {run_dir} does not fit this method's configuration ({e}); "
+                          "use the checkpoint's config") from None
     if optimizer is not None and (ckpt / OPTIMIZER).is_file():
         optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True))
     return meta

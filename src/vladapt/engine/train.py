@@ -35,6 +35,9 @@ from vladapt.engine import distributed as dist
 from vladapt.engine.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from vladapt.errors import ConfigError
 from vladapt.io import atomic_write_text
+from vladapt.methods.base import StepInfo
+
+__all__ = ["StepInfo", "TrainConfig", "derive_seed", "epoch_batches", "fit", "lr_at_epoch", "lr_at_iteration"]
 
 
 @dataclass
@@ -49,6 +52,12 @@ class TrainConfig:
     epochs: int = field(default=10, metadata={"min": 1})
     batch_size: int = field(default=16, metadata={"min": 1})
     scheduler: Literal["cosine", "constant"] = "cosine"
+    # "epoch": the rate is set once per epoch (Dassl); "iteration": per optimizer step, with the cosine
+    # running over all iterations down to min_lr (CLIP-LoRA).
+    schedule: Literal["epoch", "iteration"] = "epoch"
+    iterations: int | None = field(default=None, metadata={
+        "min": 1, "help": "stop after this many optimizer steps (the epochs then follow from it); none = epochs"})
+    min_lr: float = field(default=0.0, metadata={"min": 0.0, "help": "end of the cosine"})
     warmup_epochs: int = field(default=0, metadata={"min": 0})
     warmup_type: Literal["constant", "linear"] = "constant"
     warmup_lr: float = field(default=1e-5, metadata={"min": 0.0})
@@ -65,7 +74,9 @@ class TrainConfig:
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise ConfigError(f"train.crop_scale must be two area fractions 0 < low <= high <= 1, "
                               f"got {self.crop_scale}")
-        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+        if self.iterations is not None and self.schedule != "iteration":
+            raise ConfigError("train.iterations needs train.schedule=iteration")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0 and self.iterations is None:
             raise ConfigError(f"train.warmup_epochs ({self.warmup_epochs}) must be below train.epochs ({self.epochs})")
 
 
@@ -78,30 +89,31 @@ def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
     if cfg.scheduler == "constant":
         return cfg.lr
     k = epoch - cfg.warmup_epochs
-    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * k / cfg.epochs))
+    return _cosine(cfg, k, cfg.epochs)
+
+
+def _cosine(cfg: TrainConfig, k: int, total: int) -> float:
+    if cfg.min_lr == 0.0:  # the plain formula, bit for bit what earlier releases computed
+        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * k / total))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * k / total))
+
+
+def lr_at_iteration(cfg: TrainConfig, iteration: int, total: int, warmup: int = 0) -> float:
+    """Learning rate of 0-based optimizer step ``iteration`` of ``total`` (``schedule=iteration``):
+    ``warmup`` steps at the warm-up rate (constant or linear), then the cosine from ``lr`` to
+    ``min_lr`` over the remaining steps."""
+    if iteration < warmup:
+        if cfg.warmup_type == "constant":
+            return cfg.warmup_lr
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * iteration / warmup
+    if cfg.scheduler == "constant":
+        return cfg.lr
+    return _cosine(cfg, iteration - warmup, max(total - warmup, 1))
 
 
 def derive_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (seed, epoch, index, ...)."""
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts] + [len(parts)]).generate_state(2, np.uint64)[0] >> 1)
-
-
-@dataclass
-class StepInfo:
-    """What a method's training step may use besides its shard of the batch.
-
-    ``generator`` is the only source of randomness a method should draw from; ``global_labels`` are
-    the labels of the whole global batch (all processes), of which this process holds the slice
-    ``local``: class subsets chosen from them are identical in every process. ``batch_size`` is the
-    configured (global) batch size.
-    """
-
-    epoch: int
-    step: int
-    generator: torch.Generator
-    global_labels: torch.Tensor
-    local: slice
-    batch_size: int
 
 
 def _train_transform(backbone, cfg: TrainConfig):
@@ -143,11 +155,21 @@ def _shard(batch: list[int], world: int, rank: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
-def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]] | list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD or AdamW over a method's parameter groups (:meth:`Method.param_groups`): a group's
+    ``weight_decay`` overrides the configured one, its ``lr_scale`` multiplies every scheduled rate."""
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": list(groups)}]
+    groups = [{**g, "params": list(g["params"]), "lr_scale": float(g.get("lr_scale", 1.0))} for g in groups]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
 
 
 def resolve_precision(precision: str, backbone_dtype: torch.dtype) -> str:
@@ -181,7 +203,8 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
     With ``run_dir`` a checkpoint is written after every epoch and ``log.jsonl`` keeps one line per
     epoch; ``resume=True`` continues from the checkpoint found there.
     """
-    params = [p for p in method.parameters() if p.requires_grad]
+    groups = method.param_groups()
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise ConfigError(f"method {getattr(method, 'registry_name', method)!r} has no trainable parameters")
     items = list(splits.train)
@@ -191,8 +214,8 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
     if len(items) < world:
         raise ConfigError(f"{len(items)} training images cannot be split over {world} processes")
     method.set_classnames(splits.classnames, split="train")
-    optimizer = build_optimizer(cfg, params)
-    precision = resolve_precision(cfg.precision, method.clip.dtype)
+    optimizer = build_optimizer(cfg, groups)
+    precision = resolve_precision(cfg.precision, method.backbone_dtype)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     run_dir = Path(run_dir) if run_dir is not None else None
     backbone = method.backbone
@@ -220,10 +243,16 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         logs = _read_log(run_dir / "log.jsonl", start)
     dataset = _SeededAugmentation(items, splits.image_root, _train_transform(backbone, cfg), seed)
     labels_all = torch.tensor([d.label for d in items])
-    for epoch in range(start, cfg.epochs):
-        lr = lr_at_epoch(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    per_epoch = len(epoch_batches(len(items), cfg.batch_size, seed, 0))
+    epochs, total = cfg.epochs, cfg.epochs * per_epoch
+    if cfg.iterations is not None:
+        total = cfg.iterations
+        epochs = math.ceil(total / per_epoch)
+        meta["epochs"] = epochs
+    warmup = cfg.warmup_epochs * per_epoch
+    for epoch in range(start, epochs):
+        lr = lr_at_epoch(cfg, epoch) if cfg.schedule == "epoch" else lr_at_iteration(cfg, epoch * per_epoch, total, warmup)
+        _set_lr(optimizer, lr)
         torch.manual_seed(derive_seed(seed, epoch, 2))
         random.seed(derive_seed(seed, epoch, 3))
         batches = epoch_batches(len(items), cfg.batch_size, seed, epoch)
@@ -232,9 +261,15 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         method.train()
         t0 = time.perf_counter()
         loss_sum = correct = count = 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not dist.is_main(),
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or not dist.is_main(),
                    leave=False)
         for step, (images, labels) in enumerate(bar):
+            iteration = epoch * per_epoch + step
+            if iteration >= total:
+                break
+            if cfg.schedule == "iteration":
+                lr = lr_at_iteration(cfg, iteration, total, warmup)
+                _set_lr(optimizer, lr)
             b = batches[step]
             info = StepInfo(epoch=epoch, step=step,
                             generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 4, step)),
@@ -261,6 +296,7 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
             if out.logits is not None:
                 correct += float((out.logits.detach().argmax(-1) == out.labels).sum())
             bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{100 * correct / count:.1f}", lr=f"{lr:.2e}")
+        method.on_epoch_end(epoch)
         loss_sum, correct, count = dist.all_sum([loss_sum, correct, count])
         seconds = time.perf_counter() - t0
         logs.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(count, 1),

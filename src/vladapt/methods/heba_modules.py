@@ -14,7 +14,6 @@ takes **1-based** block indices (``range(1, 13)`` = all twelve blocks of ViT-B/1
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -23,6 +22,10 @@ from torch import Tensor, nn
 
 from vladapt.backbones import CLIPModel, ForwardContext, InsertionPoint, ScaledResidual
 from vladapt.errors import ConfigError
+from vladapt.methods.adapters import SlowFastScale, adapter_key, attach_modules, detach_modules
+
+__all__ = ["HEBA_POSITIONS", "HeBABottleneck", "HeBAPointAdapter", "SlowFastScale", "adapter_key",
+           "attach_adapters", "build_heba_adapters", "detach_adapters"]
 
 HEBA_POSITIONS: tuple[str, ...] = ("attn_in", "mlp_hidden")
 
@@ -178,11 +181,6 @@ class HeBAPointAdapter(nn.Module):
         return f"point={self.point.name}, scale={self.scale}"
 
 
-def adapter_key(point: InsertionPoint) -> str:
-    """ModuleDict key of a point (dots are not allowed in module names): ``visual_blocks_0_attn_in``."""
-    return point.name.replace(".", "_")
-
-
 def build_heba_adapters(
     model: CLIPModel,
     layers: Iterable[int],
@@ -238,62 +236,6 @@ def build_heba_adapters(
     return adapters.to(device=device, dtype=dtype)
 
 
-def attach_adapters(model: CLIPModel, adapters: nn.ModuleDict) -> None:
-    """Attach every adapter at its point; all or nothing (on a conflict nothing stays attached)."""
-    done: list[InsertionPoint] = []
-    try:
-        for module in adapters.values():
-            model.attach(module.point, module)
-            done.append(module.point)
-    except Exception:
-        for point in done:
-            model.detach(point)
-        raise
-
-
-def detach_adapters(model: CLIPModel, adapters: nn.ModuleDict) -> None:
-    """Detach these adapters; modules other methods attached at other (or the same) points stay."""
-    attached = model.attached_modules()
-    for module in adapters.values():
-        if attached.get(module.point.name) is module:
-            model.detach(module.point)
-
-
-class SlowFastScale:
-    """HeBA/LwEIB's stochastic scale, a ``scale_fn(tower, layer) -> float`` for :class:`ForwardContext`.
-
-    In training every call draws ``u ~ U(0, 1)`` and returns ``base * factor`` ("fast") if
-    ``u > ratio`` else ``base`` ("slow"), so ``P(fast) = 1 - ratio``. :class:`ForwardContext` calls it
-    once per (tower, block) per forward pass, so both adapters of a block share the draw. With
-    ``training = False`` it returns ``base`` without drawing.
-
-    ``generator`` is a ``torch.Generator`` (CPU) or a ``random.Random``; ``None`` uses torch's global RNG.
-    """
-
-    def __init__(self, base: float = 0.025, factor: float = 2.25, ratio: float = 0.8,
-                 generator: torch.Generator | random.Random | None = None, training: bool = True) -> None:
-        if base < 0 or factor <= 0 or not 0.0 <= ratio <= 1.0:
-            raise ConfigError(
-                f"slow-fast scale needs base >= 0, factor > 0 and 0 <= ratio <= 1; got base={base}, "
-                f"factor={factor}, ratio={ratio}"
-            )
-        self.base = float(base)
-        self.factor = float(factor)
-        self.ratio = float(ratio)
-        self.generator = generator
-        self.training = training
-
-    def draw(self) -> float:
-        """One ``u ~ U(0, 1)`` from the generator."""
-        if isinstance(self.generator, random.Random):
-            return self.generator.random()
-        return float(torch.rand((), generator=self.generator))
-
-    def __call__(self, tower: str, layer: int) -> float:
-        if not self.training:
-            return self.base
-        return self.base * self.factor if self.draw() > self.ratio else self.base
-
-    def __repr__(self) -> str:
-        return (f"SlowFastScale(base={self.base}, factor={self.factor}, ratio={self.ratio}, "
-                f"training={self.training})")
+# The shared plumbing under HeBA's earlier names.
+attach_adapters = attach_modules
+detach_adapters = detach_modules

@@ -27,7 +27,7 @@ class ZeroShotConfig:
         resolve_templates(self.templates, self.dataset)
 
 
-@register_method("zeroshot", trainable=False)
+@register_method("zeroshot")
 class ZeroShotCLIP(Method):
     """logits = exp(logit_scale) * normalize(f_img) @ W_text^T with the CLIP text classifier.
 

@@ -83,7 +83,8 @@ def _train(settings: RunSettings, method, train: DatasetSplits, seed: int, run_d
 
 def _prepare(settings: RunSettings, dataset: str, shots: int, seed: int, run_dir: Path | None,
              train_classes: str = "all"):
-    """Few-shot sample ``dataset``, build the method on ``train_classes`` and train it (if trainable).
+    """Few-shot sample ``dataset``, build the method on ``train_classes``, let it prepare (fit
+    training-free parts on the training splits and their frozen features) and train it (if trainable).
 
     Returns (few-shot splits of all classes, the method, whether it was trained)."""
     torch.manual_seed(seed)
@@ -91,6 +92,10 @@ def _prepare(settings: RunSettings, dataset: str, shots: int, seed: int, run_dir
     few = fewshot_splits(full, shots, seed, cache_dir=full.fewshot_cache_dir)
     train = subsample_classes(few, train_classes)
     method = build_method(settings, train.classnames, dataset)
+    from vladapt.engine.features import FrozenFeatures
+
+    method.prepare(train, FrozenFeatures(settings.backbone, train, settings.device, settings.batch_size, seed,
+                                         settings.progress, settings.workers))
     return few, method, _train(settings, method, train, seed, run_dir)
 
 
