@@ -1,0 +1,351 @@
+"""Parity with the authors' released code: vladapt's HeBA (and MMA) compute the reference's numbers.
+
+The fixtures in ``tests/fixtures/parity/`` were recorded by ``benchmarks/parity_heba.py`` and
+``benchmarks/parity_mma.py``, which run the authors' code from a checkout (see their docstrings for
+what is stubbed and why). Given the same frozen backbone (the tiny test CLIP rounded to fp16; checked
+by fingerprint), the same adapter weights (mapped from the reference's parameter names to vladapt's)
+and the same inputs, vladapt must reproduce the reference's token ids exactly, and its logits,
+losses and every adapter gradient to fp32 rounding:
+
+    |vladapt - reference| <= ATOL * max|reference| + RTOL * |reference|      (per tensor)
+
+with RTOL = 1e-4 and ATOL = 1e-5 (the absolute part is relative to the tensor's largest magnitude).
+Gradients of large tensors are compared through the sketch the fixture stores
+(``parity_common.grad_sketch``: row sums, column sums, every 61st entry, sum of squares).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vladapt.backbones import load_clip
+from vladapt.engine.train import StepInfo
+from vladapt.methods import create_method
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "parity"
+
+
+def _load_parity_common():
+    """``benchmarks/parity_common.py``: the fingerprint, weight coding and gradient sketch the
+    fixtures were written with (loaded by path: ``benchmarks`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("parity_common", ROOT / "benchmarks" / "parity_common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pc = _load_parity_common()
+
+RTOL = 1e-4
+ATOL = 1e-5
+# max |diff| / max|reference| per compared tensor, for reporting (pytest -s prints them)
+OBSERVED: dict[str, float] = {}
+
+
+def close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL, atol: float = ATOL,
+          scale: float | None = None) -> None:
+    """Assert the tolerance above; ``scale`` replaces max|reference| as the magnitude of the tensor."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != reference {tuple(expected.shape)}"
+    if scale is None:
+        scale = float(expected.abs().max()) or 1.0
+    diff = (actual - expected).abs()
+    bound = atol * scale + rtol * expected.abs()
+    OBSERVED[name] = float(diff.max()) / scale
+    worst = int((diff - bound).argmax())
+    assert bool((diff <= bound).all()), (
+        f"{name}: differs from the reference: max |diff| {float(diff.max()):.3g} (max |ref| {scale:.3g}); "
+        f"worst entry {worst}: vladapt {float(actual.flatten()[worst]):.6g} vs reference "
+        f"{float(expected.flatten()[worst]):.6g}"
+    )
+
+
+def load_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    st, js = FIXTURES / f"{name}.safetensors", FIXTURES / f"{name}.json"
+    if not st.is_file() or not js.is_file():
+        pytest.fail(f"parity fixture {name} missing in {FIXTURES}; regenerate it with benchmarks/parity_*.py")
+    return load_file(str(st)), json.loads(js.read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16(tiny):
+    """A copy of the session's tiny backbone with every weight rounded to fp16, and its fingerprint."""
+    bb = dataclasses.replace(tiny, model=copy.deepcopy(tiny.model), _fingerprint=None)
+    pc.round_to_fp16_(bb.model)
+    return bb, pc.fingerprint(bb.model.state_dict())
+
+
+def fp16_backbone(meta: dict, tiny_fp16):
+    """The backbone the fixture's reference run saw: the tiny CLIP rounded to fp16 (fingerprint checked)."""
+    bb, got = tiny_fp16  # conftest's ``tiny``: load_clip("vladapt-test-tiny") with the default seed 0
+    if (meta["backbone"]["name"], meta["backbone"]["seed"], meta["backbone"]["rounding"]) != (bb.name, 0, "fp16"):
+        bb = load_clip(meta["backbone"]["name"], seed=meta["backbone"]["seed"])
+        pc.round_to_fp16_(bb.model)
+        got = pc.fingerprint(bb.model.state_dict())
+    assert got == meta["backbone"]["fingerprint"], (
+        f"the tiny backbone changed (fingerprint {got[:16]} != fixture's {meta['backbone']['fingerprint'][:16]}): "
+        "the parity fixtures were recorded on other weights; regenerate them with benchmarks/parity_heba.py and "
+        "benchmarks/parity_mma.py"
+    )
+    return bb
+
+
+def reference_weights(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    """The adapter weights under the reference's parameter names (exact fp32 values)."""
+    exps = meta["weight_exponents"]
+    return {k[len("adapter/"):]: pc.dequantize(v, exps[k[len("adapter/"):]])
+            for k, v in tensors.items() if k.startswith("adapter/")}
+
+
+def load_mapped(method, weights: dict[str, torch.Tensor], to_vladapt) -> dict[str, str]:
+    """Copy the reference weights into ``method``; returns {reference name: vladapt name}. The mapping
+    must cover every trainable parameter exactly once; a 1x1 convolution ``[out, in, 1, 1]`` loads
+    into a Linear ``[out, in]``."""
+    params = {n: p for n, p in method.named_parameters() if p.requires_grad}
+    assert set(params) == set(method.trainable_state_dict())
+    mapping = {ref: to_vladapt(ref) for ref in weights}
+    assert sorted(mapping.values()) == sorted(params), (
+        f"reference -> vladapt names do not cover vladapt's trainable parameters: "
+        f"unmatched vladapt {sorted(set(params) - set(mapping.values()))}, "
+        f"unmatched reference {sorted(r for r, v in mapping.items() if v not in params)}"
+    )
+    with torch.no_grad():
+        for ref, name in mapping.items():
+            w, p = weights[ref], params[name]
+            squeezed = w.shape[:2] if w.dim() == 4 and w.shape[2:] == (1, 1) and p.dim() == 2 else w.shape
+            assert tuple(squeezed) == tuple(p.shape), f"{ref} {tuple(w.shape)} -> {name} {tuple(p.shape)}"
+            p.copy_(w.reshape(p.shape))
+    return mapping
+
+
+def check_grads(label: str, prefix: str, tensors: dict[str, torch.Tensor], method, mapping: dict[str, str],
+                weights: dict[str, torch.Tensor]) -> None:
+    """Every adapter gradient against the fixture: in full, or its sketch. Row and column sums can
+    cancel (e.g. the column sums of ``up``'s gradient vanish because the LayerNorm after it removes the
+    mean): their magnitude is taken as (number of summed entries) x (rms entry of the reference)."""
+    params = dict(method.named_parameters())
+    for ref, name in mapping.items():
+        g = params[name].grad
+        assert g is not None, f"no gradient reached {name} ({ref})"
+        sketch = pc.grad_sketch(g.reshape(weights[ref].shape))
+        if "full" not in sketch:
+            rms = float((tensors[f"{prefix}{ref}#sumsq"].double() / g.numel()).sqrt())
+            rows, cols = len(sketch["cols"]), len(sketch["rows"])  # summed entries per row sum / column sum
+        for part, value in sketch.items():
+            scale = {"rows": rms * cols, "cols": rms * rows}.get(part) if "full" not in sketch else None
+            close(f"{label} {prefix}{ref}#{part}", value, tensors[f"{prefix}{ref}#{part}"], scale=scale)
+
+
+def step_info(labels: torch.Tensor) -> StepInfo:
+    n = len(labels)
+    return StepInfo(epoch=0, step=0, generator=torch.Generator().manual_seed(0), global_labels=labels,
+                    local=slice(0, n), batch_size=n)
+
+
+# ------------------------------------------------------------------------------------------- HeBA
+HEBA_POSITIONS = {"att_conv": "attn_in", "mlp_conv": "mlp_hidden"}
+HEBA_PARTS = {"down": "down", "up": "up", "mid": "depthwise", "norm": "norm"}
+
+
+def heba_name(ref: str) -> str:
+    """``visual_adapter.1.att_conv.mid.weight`` -> ``adapters.visual_blocks_0_attn_in.residual.branch.depthwise.weight``
+    (the reference's blocks are 1-based, vladapt's point names 0-based)."""
+    tower, layer, position, part, kind = ref.split(".")
+    return (f"adapters.{tower.removesuffix('_adapter')}_blocks_{int(layer) - 1}_{HEBA_POSITIONS[position]}"
+            f".residual.branch.{HEBA_PARTS[part]}.{kind}")
+
+
+def heba_config(ref: dict, **overrides) -> dict:
+    """vladapt's HeBA config for the reference's TRAINER.HeBA settings (label smoothing 0.1 and
+    reduction 4 are hard-coded there; every class gets the released code's fallback prompt)."""
+    cfg = {
+        "adapter_start": ref["ADAPTER_START"],
+        "adapter_end": ref["ADAPTER_END"],
+        "scale": ref["ADAPTER_SCALE_BASE"],
+        "scale_factor": ref["ADAPTER_SCALE_FACTOR"],
+        "slow_fast_ratio": ref["SLOW_FAST_RATIO"],
+        "neg_sampling_ratio": ref["NEG_SAMPLING_RATIO"],
+        "text_prefix": ref["TEXT_CTX_INIT"],
+        "label_smoothing": 0.1,
+        "reduction": 4,
+        "reference_prompts": True,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def heba_fixture(tiny_fp16):
+    tensors, meta = load_fixture("heba_tiny")
+    bb = fp16_backbone(meta, tiny_fp16)
+    return tensors, meta, bb, reference_weights(tensors, meta)
+
+
+def build_heba(heba_fixture, **overrides):
+    tensors, meta, bb, weights = heba_fixture
+    ref = meta["config"]["TRAINER"]["HeBA"]
+    method = create_method("heba", bb, meta["classnames"], heba_config(ref, **overrides))
+    mapping = load_mapped(method, weights, heba_name)
+    return method, mapping
+
+
+def test_heba_parameters_map_one_to_one(heba_fixture):
+    tensors, meta, bb, weights = heba_fixture
+    method, mapping = build_heba(heba_fixture)
+    assert method.num_trainable_parameters() == meta["trainable_parameters"] == sum(w.numel() for w in weights.values())
+    assert len(mapping) == len(set(mapping.values())) == len(weights)
+
+
+def test_heba_tokens_equal_reference(heba_fixture, tmp_path):
+    tensors, meta, bb, weights = heba_fixture
+    method, _ = build_heba(heba_fixture)
+    assert torch.equal(method._tokens.to(torch.int64), tensors["tokens/reference"].to(torch.int64))
+    bank = tmp_path / "descriptions.json"
+    bank.write_text(json.dumps(meta["descriptions"]))
+    method, _ = build_heba(heba_fixture, descriptions=str(bank), strict_descriptions=False)
+    assert torch.equal(method._tokens.to(torch.int64), tensors["tokens/descriptions"].to(torch.int64))
+
+
+def test_heba_eval_logits_equal_reference(heba_fixture, tmp_path):
+    tensors, meta, bb, weights = heba_fixture
+    images = tensors["inputs/images"].float()
+    method, _ = build_heba(heba_fixture)
+    method.eval()
+    with torch.no_grad():
+        close("heba eval/logits", method(images), tensors["eval/logits"])
+    method, _ = build_heba(heba_fixture, scale=meta["config_eval_large"]["ADAPTER_SCALE_BASE"])
+    method.eval()
+    with torch.no_grad():
+        close("heba eval_large/logits", method(images), tensors["eval_large/logits"])
+    bank = tmp_path / "descriptions.json"
+    bank.write_text(json.dumps(meta["descriptions"]))
+    method, _ = build_heba(heba_fixture, descriptions=str(bank), strict_descriptions=False)
+    method.eval()
+    with torch.no_grad():
+        close("heba eval_desc/logits", method(images), tensors["eval_desc/logits"])
+
+
+def test_heba_training_step_equals_reference(heba_fixture):
+    """Loss, logits and every adapter gradient of one step (slow-fast off, all classes, one prompt)."""
+    tensors, meta, bb, weights = heba_fixture
+    images, labels = tensors["inputs/images"].float(), tensors["inputs/labels"]
+    method, mapping = build_heba(heba_fixture)
+    method.train()
+    out = method.training_step(images, labels, step_info(labels))
+    out.loss.backward()
+    assert set(out.context.scales.values()) == {meta["config"]["TRAINER"]["HeBA"]["ADAPTER_SCALE_BASE"]}
+    close("heba train/logits", out.logits, tensors["train/logits"])
+    close("heba train/loss", out.loss.reshape(1), tensors["train/loss"])
+    check_grads("heba", "train/grad/", tensors, method, mapping, weights)
+
+
+def test_heba_training_step_with_negative_sampling_equals_reference(heba_fixture):
+    """Negative sampling active and taking every absent class: the loss, the positives' logits and
+    the gradients do not depend on the (random) order of the negatives."""
+    tensors, meta, bb, weights = heba_fixture
+    images, labels = tensors["inputs/images"].float(), tensors["inputs/labels_neg"]
+    method, mapping = build_heba(heba_fixture, neg_sampling_ratio=meta["config_train_neg"]["NEG_SAMPLING_RATIO"])
+    method.train()
+    out = method.training_step(images, labels, step_info(labels))
+    out.loss.backward()
+    assert torch.equal(out.labels, tensors["train_neg/remapped"])
+    npos = tensors["train_neg/logits_pos"].shape[1]
+    assert out.logits.shape[1] == npos + tensors["train_neg/logits_neg_sorted"].shape[1]
+    close("heba train_neg/logits_pos", out.logits[:, :npos], tensors["train_neg/logits_pos"])
+    close("heba train_neg/logits_neg_sorted", out.logits[:, npos:].sort(dim=1).values,
+          tensors["train_neg/logits_neg_sorted"])
+    close("heba train_neg/loss", out.loss.reshape(1), tensors["train_neg/loss"])
+    params = dict(method.named_parameters())
+    for ref, name in mapping.items():
+        g = params[name].grad.double()
+        sumsq = tensors[f"train_neg/grad/{ref}#sumsq"]
+        close(f"heba train_neg/grad/{ref}#sumsq", (g ** 2).sum().reshape(1), sumsq)
+        # a sum may cancel: its magnitude is that of sqrt(n * sum of squares)
+        close(f"heba train_neg/grad/{ref}#sum", g.sum().reshape(1), tensors[f"train_neg/grad/{ref}#sum"],
+              scale=float((g.numel() * sumsq.double()).sqrt()))
+
+
+# -------------------------------------------------------------------------------------------- MMA
+def mma_name(ref: str) -> str:
+    """``visual_adapter.1.down.0.weight`` -> ``adapters.visual_blocks_0_block_ln1.down.weight``,
+    ``shared_adapter.1.0.bias`` -> ``shared.0.bias`` (the reference's blocks are 1-based)."""
+    parts = ref.split(".")
+    if parts[0] == "shared_adapter":
+        return f"shared.{int(parts[1]) - 1}.{parts[-1]}"
+    return f"adapters.{parts[0].removesuffix('_adapter')}_blocks_{int(parts[1]) - 1}_block_ln1.{parts[2]}.{parts[-1]}"
+
+
+def mma_config(ref: dict, **overrides) -> dict:
+    """vladapt's MMA config for the reference's TRAINER.MMADAPTER settings; everything else (plain
+    cross-entropy, all classes every step, ReLU, the shared layer, "a photo of a {c}.") is left to
+    vladapt's defaults, which must be MMA's."""
+    cfg = {"adapter_start": ref["ADAPTER_START"], "adapter_end": ref["ADAPTER_END"], "dim": ref["ADAPTER_DIM"],
+           "scale": ref["ADAPTER_SCALE"]}
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def mma_fixture(tiny_fp16):
+    pytest.importorskip("vladapt.methods.mma", reason="vladapt's MMA (vladapt.methods.mma) has not landed yet")
+    tensors, meta = load_fixture("mma_tiny")
+    bb = fp16_backbone(meta, tiny_fp16)
+    return tensors, meta, bb, reference_weights(tensors, meta)
+
+
+def build_mma(mma_fixture, **overrides):
+    tensors, meta, bb, weights = mma_fixture
+    method = create_method("mma", bb, meta["classnames"], mma_config(meta["config"]["TRAINER"]["MMADAPTER"], **overrides))
+    mapping = load_mapped(method, weights, mma_name)
+    return method, mapping
+
+
+def test_mma_parameters_and_tokens_equal_reference(mma_fixture):
+    tensors, meta, bb, weights = mma_fixture
+    method, mapping = build_mma(mma_fixture)
+    assert method.num_trainable_parameters() == meta["trainable_parameters"] == sum(w.numel() for w in weights.values())
+    assert len(mapping) == len(set(mapping.values())) == len(weights)
+    tokens = method._tokens
+    assert tokens.shape[1] == 1, "MMA uses one prompt per class"
+    assert torch.equal(tokens[:, 0].to(torch.int64), tensors["tokens/prompts"].to(torch.int64))
+
+
+def test_mma_eval_logits_equal_reference(mma_fixture):
+    tensors, meta, bb, weights = mma_fixture
+    images = tensors["inputs/images"].float()
+    for key, overrides in (("eval", {}), ("eval_large", {"scale": meta["config_eval_large"]["ADAPTER_SCALE"]})):
+        method, _ = build_mma(mma_fixture, **overrides)
+        method.eval()
+        with torch.no_grad():
+            close(f"mma {key}/logits", method(images), tensors[f"{key}/logits"])
+
+
+def test_mma_training_step_equals_reference(mma_fixture):
+    """Logits, cross-entropy loss and every adapter gradient (both towers' down/up and the shared layers)."""
+    tensors, meta, bb, weights = mma_fixture
+    images, labels = tensors["inputs/images"].float(), tensors["inputs/labels"]
+    method, mapping = build_mma(mma_fixture)
+    method.train()
+    out = method.training_step(images, labels, step_info(labels))
+    out.loss.backward()
+    close("mma train/logits", out.logits, tensors["train/logits"])
+    close("mma train/loss", out.loss.reshape(1), tensors["train/loss"])
+    check_grads("mma", "train/grad/", tensors, method, mapping, weights)
+
+
+def test_zz_report_observed_differences():
+    """Not a check: prints the largest observed differences (run with -s)."""
+    if OBSERVED:
+        worst = sorted(OBSERVED.items(), key=lambda kv: -kv[1])[:8]
+        print(f"\nparity: {len(OBSERVED)} tensors compared; largest max|diff|/max|ref|:")
+        for k, v in worst:
+            print(f"  {v:.2e}  {k}")
