@@ -423,6 +423,7 @@ class CLIPModel(nn.Module):
         dtype = self.positional_embedding.dtype
         length = int(eot_index.max()) + 1 if truncate and len(eot_index) else x.shape[1]
         x = x[:, :length].to(dtype) + self.positional_embedding[:length].to(dtype)
+        ctx.text_valid = torch.arange(length, device=x.device)[None] <= eot_index.to(x.device)[:, None]
         x = self.transformer(x, ctx)
         pooled = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot_index])
         feats = pooled @ self.text_projection

@@ -141,12 +141,15 @@ class ForwardContext:
       slow-fast scales), or ``None`` when the method gave no scale function.
     * ``add_aux_loss(point, value)``: per-layer auxiliary losses (e.g. RMAdapter's reconstruction
       loss), read back with :attr:`aux_losses` / :meth:`total_aux_loss`.
+    * ``text_valid``: set by the text tower for its blocks, ``[B, N]`` bool, True at the positions
+      up to and including each prompt's EOT (the rest is padding), for modules that reduce over tokens.
     """
 
     def __init__(self, scale_fn: ScaleFn | None = None) -> None:
         self._scale_fn = scale_fn
         self._scales: dict[tuple[str, int | None], float] = {}
         self.aux_losses: list[tuple[InsertionPoint, Tensor]] = []
+        self.text_valid: Tensor | None = None
 
     def scale(self, point: InsertionPoint) -> float | None:
         if self._scale_fn is None:

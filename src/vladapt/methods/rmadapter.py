@@ -24,7 +24,8 @@ MMA's shared layer          kept (``shared=true``)   ``shared=false``
 activation sigma            ReLU (MMA's down)        ``activation=gelu`` (the paper's "typically GELU")
 reconstructed tensor        the branch's input       ``reconstruct=output``: the block output
                             ``LN1(x)``               ``[c_i, E_i]``, as Eq. 11 writes it
-reduction of L_rec          mean per layer, summed   -
+reduction of L_rec          mean per layer (text:    -
+                            up to each EOT), summed
                             over layers
 lambda1, lambda2 (rec)      1.0, 1.0                 ``rec_visual_weight``, ``rec_text_weight``
 consistency features        L2-normalized, mean |.|  ``consistency_normalize=false`` (raw features)
@@ -80,15 +81,23 @@ class RMABranch(MMABranch):
         self.reconstruct = reconstruct
         self.compute_loss = compute_loss
 
-    def reconstruction_loss(self, t: Tensor) -> Tensor:
-        """``mean((rec(t) - t)^2)`` of a detached ``t [B, N, D]``, in fp32."""
+    def reconstruction_loss(self, t: Tensor, valid: Tensor | None = None) -> Tensor:
+        """``mean((rec(t) - t)^2)`` of a detached ``t [B, N, D]`` in fp32, over the positions where
+        ``valid [B, N]`` is True (text: up to each prompt's EOT, so padding and the batch's longest
+        prompt do not change a prompt's loss)."""
         t = t.detach()
-        rec = self.up2(ACTIVATIONS[self.activation](self.up1(self.hidden(t))))
-        return F.mse_loss(rec.float(), t.float())
+        err = (self.up2(ACTIVATIONS[self.activation](self.up1(self.hidden(t)))).float() - t.float()) ** 2
+        if valid is None:
+            return err.mean()
+        valid = valid[:, : t.shape[1]].to(err.dtype)
+        return (err.sum(-1) * valid).sum() / (valid.sum() * t.shape[-1])
+
+    def loss_of(self, t: Tensor, ctx: ForwardContext) -> Tensor:
+        return self.reconstruction_loss(t, ctx.text_valid if self.point.tower == "text" else None)
 
     def forward(self, h: Tensor, ctx: ForwardContext | None = None) -> Tensor:
         if self.training and self.compute_loss and self.reconstruct == "input" and ctx is not None:
-            ctx.add_aux_loss(self.point, self.reconstruction_loss(h))
+            ctx.add_aux_loss(self.point, self.loss_of(h, ctx))
         return super().forward(h, ctx)
 
 
@@ -104,7 +113,7 @@ class OutputReconstruction(nn.Module):
     def forward(self, y: Tensor, ctx: ForwardContext | None = None) -> Tensor:
         branch = self._branch[0]
         if branch.training and branch.compute_loss and ctx is not None:
-            ctx.add_aux_loss(branch.point, branch.reconstruction_loss(y))
+            ctx.add_aux_loss(branch.point, branch.loss_of(y, ctx))
         return y
 
 
@@ -132,10 +141,10 @@ class RMAdapter(MMA):
         """Frozen CLIP features ``[C, T, E]`` of every prompt of the bank (no adapters), cached."""
         def compute() -> Tensor:
             flat = self._tokens.flatten(0, 1)
-            with torch.no_grad():
+            with torch.enable_grad():  # nothing requires grad: no graph, but the training step's attention path
                 feats = torch.cat([self.clip.encode_text(flat[i:i + 256].to(self.device)).float()
                                    for i in range(0, len(flat), 256)])
-            return feats.view(*self._tokens.shape[:2], -1)
+            return feats.detach().view(*self._tokens.shape[:2], -1)
 
         return self._frozen_text.get((self._bank_version, weights_state([self.clip])), compute)
 
@@ -144,8 +153,9 @@ class RMAdapter(MMA):
         terms: dict[str, Tensor] = {}
         norm = F.normalize if cfg.consistency_normalize else (lambda x, dim: x)
         if cfg.con_image_weight > 0:
-            with torch.no_grad():
-                frozen = self.clip.encode_image(t.images).float()
+            # The frozen backbone needs no graph; computing it in the step's grad mode keeps the attention
+            # path of the adapted forward, so an unadapted model's consistency loss is exactly zero.
+            frozen = self.clip.encode_image(t.images).float().detach()
             image = t.image_features if cfg.consistency_normalize else t.raw_image_features
             terms["con_image"] = cfg.con_image_weight * F.l1_loss(image, norm(frozen, dim=-1))
         if cfg.con_text_weight > 0:
