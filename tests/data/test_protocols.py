@@ -116,7 +116,7 @@ class _Recorder(Method):
 
 def test_base2new_trains_on_base_classes_only(bench, monkeypatch):
     root, _ = bench
-    monkeypatch.setitem(_METHODS, "recorder", MethodInfo("recorder", _Recorder, True))
+    monkeypatch.setitem(_METHODS, "recorder", MethodInfo("recorder", _Recorder))
     seen = {}
 
     def train_fn(method, splits, seed, run_dir):
