@@ -63,7 +63,7 @@ def test_only_the_main_process_writes(folder, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not both"):
         run_grid(settings, "fewshot", "folder", out=tmp_path, train_config=object(), checkpoint=tmp_path)
     monkeypatch.setattr(distributed, "is_main", lambda: False)  # a helper process of a data-parallel run
-    assert run_grid(settings, "fewshot", "folder", shots=[1], out=tmp_path / "helper") == []
+    assert run_grid(settings, "fewshot", "folder", shots=1, seeds=2, out=tmp_path / "helper") == []
     assert not (tmp_path / "helper").exists()
 
 

@@ -22,12 +22,13 @@ if TYPE_CHECKING:
 TRANSFER_PROTOCOLS = ("cross_dataset", "dg")
 
 
-def run_grid(settings: RunSettings, protocol: str, dataset: str, shots: Sequence[int] = (16,),
-             seeds: Sequence[int] = (1,), out: str | Path = "runs", *, train_config: TrainConfig | None = None,
+def run_grid(settings: RunSettings, protocol: str, dataset: str, shots: int | Sequence[int] = (16,),
+             seeds: int | Sequence[int] = (1,), out: str | Path = "runs", *, train_config: TrainConfig | None = None,
              resume: bool = False, checkpoint: str | Path | None = None, targets: Sequence[str] | None = None,
              report: bool = True,
              on_record: Callable[[dict[str, Any], Path], None] | None = None) -> list[dict[str, Any]]:
-    """Run ``protocol`` for every shots (outer loop) and seed; returns the records (none on ranks > 0).
+    """Run ``protocol`` for every shots (outer loop) and seed (each a number or a list); returns the
+    records (none on ranks > 0).
 
     How the method gets its weights: with ``train_config`` every run trains with
     :func:`~vladapt.engine.train.fit` in its run directory (the record path without ``.json``, which
@@ -44,6 +45,7 @@ def run_grid(settings: RunSettings, protocol: str, dataset: str, shots: Sequence
 
     if train_config is not None and checkpoint is not None:
         raise ConfigError("run_grid trains (train_config) or loads a checkpoint, not both")
+    shots, seeds = ([x] if isinstance(x, int) else list(x) for x in (shots, seeds))
     out, main = Path(out), dist.is_main()
     settings = replace(settings, out_dir=out, evaluate=settings.evaluate and main)
     if checkpoint is not None:
