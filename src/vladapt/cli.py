@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a method through a protocol (base2new: train on base, evaluate base and new)")
     tr.add_argument("--method", required=True, help="method name (see `vladapt info`)")
     tr.add_argument("--config", type=Path, default=None,
-                    help="YAML run config with sections method/train (default: vladapt's config for the method and "
-                         "protocol)")
+                    help="YAML run config with sections method/train, optionally extending another file "
+                         "(extends: base.yaml, relative to it) (default: vladapt's config for the method and protocol)")
     tr.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     _add_protocol_args(tr, required=True)
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -253,59 +253,32 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_grid(args: argparse.Namespace, settings_for, protocol: str, dataset: str, shots_list: list[int],
-              seeds: list[int], run_dirs: bool, annotate: dict | None = None) -> None:
-    """Run every (shots, seed); write one record each and the Markdown report (main process only)."""
-    from vladapt.bench.report import load_records, markdown_report
-    from vladapt.engine import distributed as dist
-    from vladapt.io import atomic_write_json, atomic_write_text
-    from vladapt.protocols.runner import record_path, run_protocol
-
-    extra = {"targets": tuple(args.targets)} if args.targets and protocol in ("cross_dataset", "dg") else {}
-    for shots in shots_list:
-        for seed in seeds:
-            settings, method_name = settings_for(shots, seed)
-            run_dir = None
-            if run_dirs:
-                run_dir = record_path(args.out, {"protocol": protocol, "method": method_name, "dataset": dataset,
-                                                 "shots": shots, "seed": seed}).with_suffix("")
-            record = run_protocol(protocol, settings, dataset, shots, seed, run_dir=run_dir, **extra)
-            if record is None:  # a helper process of a data-parallel run
-                continue
-            if run_dir is not None:
-                record["run_dir"] = str(run_dir)
-            record.update(annotate or {})
-            path = atomic_write_json(record_path(args.out, record), record)
-            res = record["results"]
-            if protocol == "base2new":
-                summary = f"base {res['base']['accuracy']:.2f}  new {res['new']['accuracy']:.2f}  HM {res['hm']:.2f}"
-            elif protocol == "fewshot":
-                summary = f"accuracy {res['test']['accuracy']:.2f}"
-            else:
-                summary = f"target average {res['average']:.2f}"
-            print(f"{record['method']} | {protocol} | {dataset} | {shots} shots | seed {seed}: {summary}  -> {path}")
-    if not dist.is_main():
-        return
-    report = markdown_report(load_records(args.out))
-    atomic_write_text(args.out / "report.md", report)
-    print()
-    print(report)
-    print(f"table written to {args.out / 'report.md'}")
-
-
-def _settings(args: argparse.Namespace, backbone, method: str, method_config: dict, train_fn=None):
-    from vladapt.engine import distributed as dist
+def _settings(args: argparse.Namespace, backbone, method: str, method_config: dict):
     from vladapt.protocols.runner import RunSettings
 
     return RunSettings(backbone=backbone, root=args.root, method=method, method_config=method_config,
-                       train_fn=train_fn, device=args.device, batch_size=args.batch_size, workers=args.workers,
-                       progress=not args.quiet, out_dir=args.out, evaluate=dist.is_main())
+                       device=args.device, batch_size=args.batch_size, workers=args.workers,
+                       progress=not args.quiet)
+
+
+def _run_grid(args: argparse.Namespace, settings, protocol: str, dataset: str, shots: list[int], seeds: list[int],
+              **kwargs) -> None:
+    """Run the grid, printing one line per record, then the report (main process only)."""
+    from vladapt.bench.grid import run_grid, summary_line
+    from vladapt.engine import distributed as dist
+
+    run_grid(settings, protocol, dataset, shots, seeds, args.out, targets=args.targets,
+             on_record=lambda record, path: print(f"{summary_line(record)}  -> {path}"), **kwargs)
+    if dist.is_main():
+        print()
+        print((args.out / "report.md").read_text(encoding="utf-8"))
+        print(f"table written to {args.out / 'report.md'}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from vladapt.backbones import load_clip
     from vladapt.config import parse_overrides
-    from vladapt.engine.checkpoint import load_checkpoint, read_meta
+    from vladapt.engine.checkpoint import read_meta
     from vladapt.errors import ConfigError
 
     overrides = parse_overrides(args.overrides)
@@ -318,31 +291,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         backbone = load_clip(args.model or DEFAULT_MODEL, args.pretrained, device=args.device,
                              dtype=_dtype(args.precision))
         settings = _settings(args, backbone, args.method, overrides.get("method", {}))
-        _run_grid(args, lambda shots, seed: (settings, args.method), args.protocol, args.dataset,
-                  args.shots or [16], args.seeds or [1], run_dirs=False)
+        _run_grid(args, settings, args.protocol, args.dataset, args.shots or [16], args.seeds or [1])
         return 0
     meta = read_meta(args.checkpoint)
     if overrides.get("method"):
         raise ConfigError("method overrides cannot change a trained checkpoint's configuration")
-    protocol = args.protocol or meta["protocol"]
-    dataset = args.dataset or meta["dataset"]
     bb = meta["backbone"]
     same = args.model is None or args.model == bb["name"]
     backbone = load_clip(bb["name"] if same else args.model,
                          (bb["pretrained"] if same else None) if args.pretrained is None else args.pretrained,
                          device=args.device, dtype=_dtype(args.precision))
-
-    def from_checkpoint(method, splits, seed, run_dir):
-        if list(splits.classnames) != meta["classnames"]:
-            raise ConfigError(f"checkpoint {args.checkpoint} was trained on classes {meta['classnames'][:5]}..., "
-                              f"but this run trains on {list(splits.classnames)[:5]}...: use the checkpoint's "
-                              "dataset, protocol, shots and seed")
-        load_checkpoint(args.checkpoint, method, backbone.fingerprint)
-
-    settings = _settings(args, backbone, meta["method"], meta["method_config"], from_checkpoint)
-    _run_grid(args, lambda shots, seed: (settings, meta["method"]), protocol, dataset,
-              args.shots or [meta["shots"]], args.seeds or [meta["seed"]], run_dirs=False,
-              annotate={"checkpoint": str(args.checkpoint)})
+    settings = _settings(args, backbone, meta["method"], meta["method_config"])
+    _run_grid(args, settings, args.protocol or meta["protocol"], args.dataset or meta["dataset"],
+              args.shots or [meta["shots"]], args.seeds or [meta["seed"]], checkpoint=args.checkpoint)
     return 0
 
 
@@ -350,21 +311,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vladapt.backbones import load_clip
     from vladapt.engine import distributed as dist
     from vladapt.engine.runconfig import resolve_run_config
-    from vladapt.engine.train import fit
 
     dist.init_distributed(args.device)
     method_config, train_config = resolve_run_config(args.method, args.protocol, args.config, args.overrides)
     backbone = load_clip(args.model or DEFAULT_MODEL, args.pretrained, device=args.device,
                          dtype=_dtype(args.precision))
-
-    def settings_for(shots: int, seed: int):
-        def train_fn(method, splits, seed_, run_dir):
-            fit(method, splits, train_config, seed_, run_dir=run_dir, resume=args.resume, progress=not args.quiet,
-                device=args.device, extra_meta={"protocol": args.protocol, "shots": shots})
-
-        return _settings(args, backbone, args.method, method_config, train_fn), args.method
-
-    _run_grid(args, settings_for, args.protocol, args.dataset, args.shots or [16], args.seeds or [1], run_dirs=True)
+    settings = _settings(args, backbone, args.method, method_config)
+    _run_grid(args, settings, args.protocol, args.dataset, args.shots or [16], args.seeds or [1],
+              train_config=train_config, resume=args.resume)
     return 0
 
 

@@ -4,6 +4,8 @@ Every config is a dataclass. :func:`from_mapping` builds one from a mapping and 
 and bad values with a :class:`~vladapt.errors.ConfigError` that names the key and what is allowed.
 Field metadata may give ``choices`` (allowed values), ``min`` / ``max`` (inclusive bounds) and
 ``help`` (one line shown in error messages and ``vladapt info``).
+
+A YAML config file may start from another with ``extends: parent.yaml`` (see :func:`load_config`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -153,3 +155,42 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+EXTENDS = "extends"
+
+
+def load_config(path: str | Path, sections: Sequence[str] | None = None) -> dict[str, Any]:
+    """A YAML config file with its ``extends:`` chain resolved.
+
+    ``extends: base.yaml`` names the parent file, relative to the file that says it; parents may
+    extend further files. A file's keys deep-merge over its parent's (a nested mapping is merged key
+    by key, any other value replaces the parent's). A missing parent and a cycle are errors naming
+    the files. With ``sections``, every file may hold only those top-level keys (besides ``extends``),
+    and an unknown one is an error naming the file it is in.
+    """
+    chain: list[Path] = []
+    layers: list[dict[str, Any]] = []
+    path: Path | None = Path(path)
+    while path is not None:
+        seen = [p.resolve() for p in chain]
+        if path.resolve() in seen:
+            cycle = chain[seen.index(path.resolve()):] + [path]
+            raise ConfigError(f"config files extend each other in a cycle: {' -> '.join(map(str, cycle))}")
+        if chain and not path.is_file():
+            raise ConfigError(f"config file {chain[-1]} extends {path}, which does not exist")
+        data = load_yaml(path)
+        parent = data.pop(EXTENDS, None)
+        if parent is not None and (not isinstance(parent, str) or not parent.strip()):
+            raise ConfigError(f"config file {path}: {EXTENDS} must be the file name of another config, got {parent!r}")
+        unknown = sorted(set(data) - set(sections)) if sections is not None else []
+        if unknown:
+            raise ConfigError(f"unknown section {unknown[0]!r} in config file {path}; allowed sections: "
+                              f"{list(sections)} (and {EXTENDS!r})")
+        chain.append(path)
+        layers.append(data)
+        path = path.parent / parent if parent is not None else None
+    merged: dict[str, Any] = {}
+    for data in reversed(layers):
+        merged = deep_merge(merged, data)
+    return merged

@@ -3,7 +3,8 @@
 Generates the synthetic downstream datasets, loads the bundled tiny CLIP (``vladapt-tiny``), runs
 zero-shot CLIP and every trainable method through base-to-new (few-shot sampling, training on the
 base classes, evaluation on base and new), and writes the result records, a Markdown table and a
-PNG bar chart.
+PNG bar chart. Each (method, dataset) runs through :func:`vladapt.bench.grid.run_grid`, the loop
+behind ``vladapt train`` and ``vladapt eval``.
 
 Trainable methods use their ``demo`` run config when vladapt ships one (hyper-parameters chosen by
 ``benchmarks/tune_demo.py`` on a copy of the synthetic datasets generated with another seed, never
@@ -45,12 +46,12 @@ def demo_run_config(method: str, overrides: list[str]):
 def run_demo(s: DemoSettings) -> dict[str, Any]:
     """Run the demo; returns ``{"records": [...], "report": markdown, "chart": path, "seconds": ...}``."""
     from vladapt.backbones import load_clip
+    from vladapt.bench.grid import result_summary, run_grid
     from vladapt.bench.plots import base2new_bar_chart
     from vladapt.bench.report import base2new_table
-    from vladapt.engine.train import fit
-    from vladapt.io import atomic_write_json, atomic_write_text
+    from vladapt.io import atomic_write_text
     from vladapt.methods import list_methods
-    from vladapt.protocols.runner import RunSettings, record_path, run_protocol
+    from vladapt.protocols.runner import RunSettings
     from vladapt.synth.datasets import DATASETS, DESCRIPTIONS, write_dataset
 
     t0 = time.perf_counter()
@@ -67,6 +68,11 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     for name in datasets:
         write_dataset(name, root, seed=s.data_seed, per_class=s.per_class, progress=s.progress)
     backbone = load_clip(s.model, device=s.device)
+
+    def show(rec: dict[str, Any], path: Path) -> None:
+        print(f"  {rec['method']:<10} {rec['dataset']:<15} seed {rec['seed']}: {result_summary(rec, 6)}  "
+              f"({rec['seconds']:.0f} s)", flush=True)
+
     records = []
     for method in methods:
         trainable = registered[method].trainable
@@ -75,27 +81,10 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
             if trainable and "descriptions" in registered[method].cls.Config.__dataclass_fields__:
                 overrides.insert(0, f"method.descriptions={root / dataset / DESCRIPTIONS}")
             method_cfg, train_cfg = demo_run_config(method, overrides) if trainable else ({}, None)
-            for seed in s.seeds:
-                run_dir = record_path(s.out / "records", {"protocol": "base2new", "method": method,
-                                                          "dataset": dataset, "shots": s.shots, "seed": seed})
-                run_dir = run_dir.with_suffix("")
-
-                def train_fn(m, splits, seed_, rd, cfg=train_cfg):
-                    fit(m, splits, cfg, seed_, run_dir=rd, progress=s.progress, device=s.device,
-                        extra_meta={"protocol": "base2new", "shots": s.shots})
-
-                settings = RunSettings(backbone=backbone, root=root, method=method, method_config=method_cfg,
-                                       train_fn=train_fn if trainable else None, device=s.device,
-                                       progress=s.progress)
-                rec = run_protocol("base2new", settings, dataset, s.shots, seed,
-                                   run_dir=run_dir if trainable else None)
-                atomic_write_json(record_path(s.out / "records", rec), rec)
-                records.append(rec)
-                if s.progress:
-                    res = rec["results"]
-                    print(f"  {method:<10} {dataset:<15} seed {seed}: base {res['base']['accuracy']:6.2f}  "
-                          f"new {res['new']['accuracy']:6.2f}  HM {res['hm']:6.2f}  ({rec['seconds']:.0f} s)",
-                          flush=True)
+            settings = RunSettings(backbone=backbone, root=root, method=method, method_config=method_cfg,
+                                   device=s.device, progress=s.progress)
+            records += run_grid(settings, "base2new", dataset, [s.shots], s.seeds, s.out / "records",
+                                train_config=train_cfg, report=False, on_record=show if s.progress else None)
     report = "# vladapt demo\n\n" + _summary_table(records, methods, datasets) + "\n" + base2new_table(records)
     atomic_write_text(s.out / "report.md", report)
     chart = base2new_bar_chart(records, s.out / "base2new.png",

@@ -1,7 +1,9 @@
 """Run configuration: the packaged YAML of (method, protocol), a user file, and key=value overrides.
 
 A run config has two sections, ``method`` (the method's Config dataclass) and ``train``
-(:class:`~vladapt.engine.train.TrainConfig`); both are validated before anything runs.
+(:class:`~vladapt.engine.train.TrainConfig`); both are validated before anything runs. A config file
+may extend another (``extends: base2new.yaml``, relative to the file; see
+:func:`vladapt.config.load_config`): its keys deep-merge over the parent's.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vladapt.config import deep_merge, from_mapping, load_yaml, parse_overrides, to_dict
+from vladapt.config import deep_merge, from_mapping, load_config, parse_overrides, to_dict
 from vladapt.engine.train import TrainConfig
 from vladapt.errors import ConfigError
 
@@ -27,8 +29,8 @@ def resolve_run_config(method: str, protocol: str, path: str | Path | None = Non
                        overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, Any], TrainConfig]:
     """(validated method config as a dict, TrainConfig) for a run.
 
-    Order: the packaged config of (method, protocol), replaced by ``path`` when given, then the
-    overrides (``method.scale=0.05``, ``train.lr=0.01``).
+    Order: the packaged config of (method, protocol), replaced by ``path`` when given (either with
+    its ``extends`` chain resolved), then the overrides (``method.scale=0.05``, ``train.lr=0.01``).
     """
     from vladapt.methods import list_methods
 
@@ -36,12 +38,12 @@ def resolve_run_config(method: str, protocol: str, path: str | Path | None = Non
     if method not in methods:
         raise ConfigError(f"unknown method {method!r}; available: {sorted(methods)}")
     source = Path(path) if path is not None else packaged_config(method, protocol)
-    data = load_yaml(source) if source is not None else {}
-    data = deep_merge(data, parse_overrides(list(overrides)))
-    unknown = sorted(set(data) - set(SECTIONS))
+    data = load_config(source, SECTIONS) if source is not None else {}
+    given = parse_overrides(list(overrides))
+    unknown = sorted(set(given) - set(SECTIONS))
     if unknown:
-        where = f"config file {source}" if source is not None else "overrides"
-        raise ConfigError(f"unknown section {unknown[0]!r} in {where}; allowed sections: {list(SECTIONS)}")
+        raise ConfigError(f"unknown section {unknown[0]!r} in overrides; allowed sections: {list(SECTIONS)}")
+    data = deep_merge(data, given)
     method_cfg = from_mapping(methods[method].cls.Config, data.get("method") or {}, "method.")
     train_cfg = from_mapping(TrainConfig, data.get("train") or {}, "train.")
     return to_dict(method_cfg), train_cfg

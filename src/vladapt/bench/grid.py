@@ -1,0 +1,121 @@
+"""The run grid: one protocol, method and dataset over every (shots, seed), one result record each.
+
+``vladapt train``, ``vladapt eval`` and ``vladapt demo`` all run through :func:`run_grid`, and so can a
+Python script: it trains the method (or loads a trained checkpoint), evaluates it through the
+protocol, writes each record atomically to ``<out>/<protocol>/<method>/<dataset>/shots_<K>-seed_<S>.json``
+and the Markdown report of every record under ``out`` to ``<out>/report.md``. In a data-parallel run
+(``torchrun``) every process trains; only rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from vladapt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vladapt.engine.train import TrainConfig
+    from vladapt.protocols.runner import RunSettings, TrainFn
+
+TRANSFER_PROTOCOLS = ("cross_dataset", "dg")
+
+
+def run_grid(settings: RunSettings, protocol: str, dataset: str, shots: int | Sequence[int] = (16,),
+             seeds: int | Sequence[int] = (1,), out: str | Path = "runs", *, train_config: TrainConfig | None = None,
+             resume: bool = False, checkpoint: str | Path | None = None, targets: Sequence[str] | None = None,
+             report: bool = True,
+             on_record: Callable[[dict[str, Any], Path], None] | None = None) -> list[dict[str, Any]]:
+    """Run ``protocol`` for every shots (outer loop) and seed (each a number or a list); returns the
+    records (none on ranks > 0).
+
+    How the method gets its weights: with ``train_config`` every run trains with
+    :func:`~vladapt.engine.train.fit` in its run directory (the record path without ``.json``, which
+    the record names as ``run_dir``; ``resume`` continues from the checkpoint found there); with
+    ``checkpoint`` (the run directory of a trained run) every run loads those weights and the record
+    names it; otherwise ``settings.train_fn`` is used as given (``None`` suits training-free methods).
+    ``targets`` replaces the target datasets of cross_dataset and dg. ``on_record(record, path)`` is
+    called after each record is written; ``report=False`` skips ``report.md``.
+    """
+    from vladapt.bench.report import load_records, markdown_report
+    from vladapt.engine import distributed as dist
+    from vladapt.io import atomic_write_json, atomic_write_text
+    from vladapt.protocols.runner import record_path, run_protocol
+
+    if train_config is not None and checkpoint is not None:
+        raise ConfigError("run_grid trains (train_config) or loads a checkpoint, not both")
+    shots, seeds = ([x] if isinstance(x, int) else list(x) for x in (shots, seeds))
+    out, main = Path(out), dist.is_main()
+    settings = replace(settings, out_dir=out, evaluate=settings.evaluate and main)
+    if checkpoint is not None:
+        settings.train_fn = _checkpoint_loader(Path(checkpoint), settings.backbone.fingerprint)
+    extra = {"targets": tuple(targets)} if targets and protocol in TRANSFER_PROTOCOLS else {}
+    records = []
+    for k in shots:
+        if train_config is not None:
+            settings.train_fn = _trainer(train_config, protocol, k, resume, settings.progress, settings.device)
+        for seed in seeds:
+            run_dir = None
+            if train_config is not None:
+                run_dir = record_path(out, {"protocol": protocol, "method": settings.method, "dataset": dataset,
+                                            "shots": k, "seed": seed}).with_suffix("")
+            record = run_protocol(protocol, settings, dataset, k, seed, run_dir=run_dir, **extra)
+            if record is None or not main:  # a helper process of a data-parallel run
+                continue
+            if run_dir is not None:
+                record["run_dir"] = str(run_dir)
+            if checkpoint is not None:
+                record["checkpoint"] = str(checkpoint)
+            path = atomic_write_json(record_path(out, record), record)
+            records.append(record)
+            if on_record is not None:
+                on_record(record, path)
+    if report and main:
+        atomic_write_text(out / "report.md", markdown_report(load_records(out)))
+    return records
+
+
+def _trainer(cfg: TrainConfig, protocol: str, shots: int, resume: bool, progress: bool, device: str) -> TrainFn:
+    from vladapt.engine.train import fit
+
+    def train(method, splits, seed: int, run_dir: Path | None) -> None:
+        # protocol and shots go into the checkpoint's meta: `vladapt eval --checkpoint` reruns from them
+        fit(method, splits, cfg, seed, run_dir=run_dir, resume=resume, progress=progress, device=device,
+            extra_meta={"protocol": protocol, "shots": shots})
+
+    return train
+
+
+def _checkpoint_loader(checkpoint: Path, fingerprint: str) -> TrainFn:
+    from vladapt.engine.checkpoint import load_checkpoint, read_meta
+
+    classnames = read_meta(checkpoint)["classnames"]
+
+    def load(method, splits, seed: int, run_dir: Path | None) -> None:
+        # the weights are tied to the class list they were trained on (text features, negatives)
+        if list(splits.classnames) != classnames:
+            raise ConfigError(f"checkpoint {checkpoint} was trained on classes {classnames[:5]}..., "
+                              f"but this run trains on {list(splits.classnames)[:5]}...: use the checkpoint's "
+                              "dataset, protocol, shots and seed")
+        load_checkpoint(checkpoint, method, fingerprint)
+
+    return load
+
+
+def result_summary(record: dict[str, Any], width: int = 0) -> str:
+    """The record's headline numbers, per protocol: ``base 80.00  new 60.00  HM 68.57`` (base2new),
+    ``accuracy 80.00`` (fewshot), ``target average 60.00`` (cross_dataset, dg); ``width`` pads each."""
+    res = record["results"]
+    if record["protocol"] == "base2new":
+        return (f"base {res['base']['accuracy']:{width}.2f}  new {res['new']['accuracy']:{width}.2f}  "
+                f"HM {res['hm']:{width}.2f}")
+    if record["protocol"] == "fewshot":
+        return f"accuracy {res['test']['accuracy']:{width}.2f}"
+    return f"target average {res['average']:{width}.2f}"
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """``heba | base2new | eurosat | 16 shots | seed 1: base 80.00  new 60.00  HM 68.57``."""
+    return (f"{record['method']} | {record['protocol']} | {record['dataset']} | {record['shots']} shots | "
+            f"seed {record['seed']}: {result_summary(record)}")
