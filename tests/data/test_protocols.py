@@ -200,3 +200,22 @@ def test_transforms_are_the_protocols():
     assert test[T.Resize].size == 32 and test[T.Resize].interpolation == T.InterpolationMode.BICUBIC
     assert test[T.CenterCrop].size == (32, 32)
     assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+
+
+@pytest.mark.parametrize("method,protocol,dataset", [
+    ("mma", "base2new", "eurosat"), ("mma", "fewshot", "dtd"), ("mma", "cross_dataset", "imagenet"),
+    ("rmadapter", "base2new", "eurosat"), ("rmadapter", "dg", "imagenet"),
+])
+def test_adapters_train_through_every_protocol_from_cli(bench, tmp_path, method, protocol, dataset):
+    root, _ = bench
+    out = tmp_path / "runs"
+    argv = ["train", "--method", method, "--protocol", protocol, "--dataset", dataset, "--root", str(root),
+            "--model", "vladapt-test-tiny", "--shots", "1", "--out", str(out), "--quiet",
+            "method.adapter_start=1", "train.epochs=1", "train.batch_size=4"]
+    assert main(argv) == 0
+    rec = read(out / protocol / method / dataset / "shots_1-seed_1.json")
+    assert rec["trained"] and rec["method"] == method and rec["trainable_parameters"] > 0
+    assert rec["method_config"]["adapter_start"] == 1 and rec["method_config"]["dim"] == 32
+    run_dir = out / protocol / method / dataset / "shots_1-seed_1"
+    assert (run_dir / "checkpoint" / "weights.safetensors").is_file()
+    assert len((run_dir / "log.jsonl").read_text().splitlines()) == 1
