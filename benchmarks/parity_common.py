@@ -23,7 +23,6 @@ it from a checkout given on the command line).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -60,14 +59,25 @@ def tiny_fp16_state_dict() -> dict[str, Tensor]:
 
 
 def fingerprint(state_dict: dict[str, Tensor]) -> str:
-    """sha256 over (key, shape, fp32 bytes) in key order; equal for an fp16 state dict and its fp32 copy."""
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key].detach().to("cpu", torch.float32).contiguous()
-        h.update(key.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    """The full sha256 of vladapt's weights fingerprint (equal for an fp16 state dict and its fp32 copy)."""
+    from vladapt.backbones import weights_fingerprint
+
+    return weights_fingerprint(state_dict, digits=64)
+
+
+def parse_args(argv: list[str] | None, doc: str, repo: str, default_out: str):
+    """The command line both parity scripts share; ``args.checkout is None`` means: skip."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--checkout", type=Path, help=f"checkout of the authors' {repo} repository")
+    ap.add_argument("--out", type=Path, default=Path(default_out),
+                    help="output prefix: writes <out>.safetensors and <out>.json")
+    ap.add_argument("--commit", help="the checkout's commit, recorded in the JSON (default: git rev-parse HEAD "
+                    "of the checkout, if it is a git work tree)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=4)
+    return ap.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- weights

@@ -42,7 +42,6 @@ Recorded (seed ``--seed``):
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 from pathlib import Path
@@ -74,15 +73,7 @@ def mma_cfg(scale: float = 0.001) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkout", type=Path, help="checkout of the authors' Multi-Modal-Adapter repository")
-    ap.add_argument("--out", type=Path, default=Path("tests/fixtures/parity/mma_tiny"),
-                    help="output prefix: writes <out>.safetensors and <out>.json")
-    ap.add_argument("--commit", help="the checkout's commit, recorded in the JSON (default: git rev-parse HEAD "
-                    "of the checkout, if it is a git work tree)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=4)
-    args = ap.parse_args(argv)
+    args = pc.parse_args(argv, __doc__, "Multi-Modal-Adapter", "tests/fixtures/parity/mma_tiny")
     if args.checkout is None:
         print("parity_mma: no --checkout of the authors' Multi-Modal-Adapter code given; nothing to do (skipped).")
         return 0

@@ -119,14 +119,16 @@ class Backbone:
         return self.model.cfg.vision.image_size
 
 
-def weights_fingerprint(state_dict: dict[str, Tensor]) -> str:
+def weights_fingerprint(state_dict: dict[str, Tensor], digits: int = 16) -> str:
+    """sha256 over (key, shape, fp32 bytes) in key order (equal for a state dict and its exact
+    fp32 copy), its first ``digits`` hex digits."""
     h = hashlib.sha256()
     for key in sorted(state_dict):
         t = state_dict[key].detach().to("cpu", torch.float32).contiguous()
         h.update(key.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:digits]
 
 
 def available_backbones() -> dict[str, list[str]]:
