@@ -16,8 +16,8 @@ from vladapt.cli import main
 
 def test_reduced_demo_heba_beats_zero_shot_on_base(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--datasets", "synth_textures", "--per-class", "4", "0", "10", "--shots", "4",
-                 "--out", str(out), "--quiet", "train.epochs=10"]) == 0
+    assert main(["demo", "--methods", "zeroshot", "heba", "--datasets", "synth_textures", "--per-class", "4", "0",
+                 "10", "--shots", "4", "--out", str(out), "--quiet", "train.epochs=10"]) == 0
     printed = capsys.readouterr().out
     recs = {p.parent.parent.name: json.loads(p.read_text())
             for p in (out / "records" / "base2new").rglob("shots_4-seed_1.json")}
@@ -40,3 +40,21 @@ def test_reduced_demo_heba_beats_zero_shot_on_base(tmp_path, capsys):
     assert (out / "report.md").read_text().startswith("# vladapt demo")
     assert (out / "base2new.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| heba |" in printed and "| zeroshot |" in printed
+
+
+def test_every_trainable_method_has_a_demo_config_that_fits_the_bundled_model():
+    """`vladapt demo` runs every trainable method on vladapt-tiny (4 visual, 3 text blocks): each needs a
+    demo config (the base2new configs of MMA and RMAdapter adapt blocks 5..12, which it does not have)."""
+    from vladapt.backbones import load_clip
+    from vladapt.bench.demo import demo_run_config
+    from vladapt.engine.runconfig import packaged_config
+    from vladapt.methods import create_method, list_methods
+
+    bb = load_clip("vladapt-tiny")
+    trainable = [m for m, info in list_methods().items() if info.trainable]
+    assert {"heba", "mma", "rmadapter"} <= set(trainable)
+    for method in trainable:
+        assert packaged_config(method, "demo") is not None, method
+        method_cfg, train_cfg = demo_run_config(method, [])
+        m = create_method(method, bb, ["red circle", "blue square"], method_cfg)
+        assert m.num_trainable_parameters() > 0 and train_cfg.epochs >= 1
