@@ -183,3 +183,9 @@ def test_methods_register_themselves_and_names_are_unique():
     assert methods["heba"].trainable and not methods["zeroshot"].trainable
     with pytest.raises(ValueError, match="registered twice"):
         register_method("heba")(type("Other", (Method,), {}))
+
+
+def test_train_mode_leaves_the_frozen_backbone_in_eval_mode(tiny):
+    m = create_method("mma", tiny, ["a", "b"], {"adapter_start": 1}).train()
+    assert m.training and all(a.training for a in m.adapters.values())
+    assert not tiny.model.training and not any(mod.training for mod in tiny.model.modules())

@@ -100,6 +100,12 @@ class Method(nn.Module):
         self.split: str | None = None
         self.progress = False
 
+    def train(self, mode: bool = True) -> "Method":
+        """Train or eval mode for the method's own modules; the frozen backbone stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
     # ------------------------------------------------------------------ facts for the engine
     @property
     def device(self) -> torch.device:
