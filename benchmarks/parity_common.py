@@ -313,3 +313,12 @@ def save_fixture(out: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) ->
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(st))
     js.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return st, js
+
+
+def finish(out, tensors: dict, meta: dict, num_params: int, tmp) -> int:
+    """Write the fixture, print what was written and clean up the temporary checkout files."""
+    st, js = save_fixture(out, tensors, meta)
+    print(f"wrote {st} ({st.stat().st_size / 1024:.0f} KiB) and {js} ({js.stat().st_size / 1024:.0f} KiB); "
+          f"loss {float(tensors['train/loss']):.6f}, {num_params} trainable parameters")
+    tmp.cleanup()
+    return 0

@@ -185,11 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                        "except for eval_desc, where it returns 'descriptions'",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    st, js = pc.save_fixture(args.out, tensors, meta)
-    print(f"wrote {st} ({st.stat().st_size / 1024:.0f} KiB) and {js} ({js.stat().st_size / 1024:.0f} KiB); "
-          f"loss {float(tensors['train/loss']):.6f}, {num_params} trainable parameters")
-    tmp.cleanup()
-    return 0
+    return pc.finish(args.out, tensors, meta, num_params, tmp)
 
 
 if __name__ == "__main__":
