@@ -490,6 +490,17 @@ def _euclidean_entailment_loss(parent: Tensor, child: Tensor, min_radius: float 
     return torch.relu(angle - aperture).squeeze(-1)
 
 
+@_float_math
+def _lorentz_depth(x: Tensor, c: Curv) -> Tensor:
+    return (torch.asinh(_sqrt_c(c) * _norm(x)) / _sqrt_c(c)).squeeze(-1)
+
+
+@_float_math
+def _poincare_depth(p: Tensor, c: Curv) -> Tensor:
+    p = _ball_project(p, c)
+    return (2.0 / _sqrt_c(c) * torch.atanh(_sqrt_c(c) * _norm(p))).squeeze(-1)
+
+
 # --------------------------------------------------------------------------- learnable scalars
 class LogScalar(nn.Module):
     """A positive scalar stored as its logarithm (float32 parameter ``log_value``), kept in ``[min_value, max_value]``.
@@ -640,6 +651,15 @@ class Manifold(nn.Module):
         if self.kind == "poincare":
             return poincare_pairwise_dist(x, y, self.c())
         return _euclidean_pairwise_dist(x, y)
+
+    def depth(self, x: Tensor) -> Tensor:
+        """Distance of the points ``x [..., D]`` from the origin, ``[...]`` (the depth of a node in a
+        hierarchy: generic nodes near the origin, specific ones further out)."""
+        if self.kind == "lorentz":
+            return _lorentz_depth(x, self.c())
+        if self.kind == "poincare":
+            return _poincare_depth(x, self.c())
+        return _norm(x.float()).squeeze(-1)
 
     def entailment_loss(self, parent: Tensor, child: Tensor) -> Tensor:
         if self.kind == "lorentz":

@@ -261,6 +261,7 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         method.train()
         t0 = time.perf_counter()
         loss_sum = correct = count = 0.0
+        term_sums: dict[str, float] = {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or not dist.is_main(),
                    leave=False)
         for step, (images, labels) in enumerate(bar):
@@ -295,13 +296,19 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
             count += n
             if out.logits is not None:
                 correct += float((out.logits.detach().argmax(-1) == out.labels).sum())
+            for name, value in (out.extras or {}).items():
+                term_sums[name] = term_sums.get(name, 0.0) + float(value) * n
             bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{100 * correct / count:.1f}", lr=f"{lr:.2e}")
         method.on_epoch_end(epoch)
-        loss_sum, correct, count = dist.all_sum([loss_sum, correct, count])
+        names = sorted(term_sums)
+        loss_sum, correct, count, *term_values = dist.all_sum([loss_sum, correct, count, *(term_sums[k] for k in names)])
         seconds = time.perf_counter() - t0
-        logs.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(count, 1),
-                     "accuracy": 100.0 * correct / max(count, 1), "images": int(count),
-                     "seconds": round(seconds, 3), "images_per_second": round(count / max(seconds, 1e-9), 2)})
+        record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(count, 1),
+                  "accuracy": 100.0 * correct / max(count, 1), "images": int(count),
+                  "seconds": round(seconds, 3), "images_per_second": round(count / max(seconds, 1e-9), 2)}
+        if names:  # the epoch means of the loss terms (and whatever else) the method's steps reported
+            record["terms"] = {k: v / max(count, 1) for k, v in zip(names, term_values)}
+        logs.append(record)
         if run_dir is not None and dist.is_main():
             save_checkpoint(run_dir, method, {**meta, "epoch": epoch + 1}, optimizer)
             atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in logs))
