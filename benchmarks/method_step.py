@@ -1,4 +1,5 @@
-"""Training-step cost of adapter methods on ViT-B/16 (random weights), side by side: RMAdapter vs MMA, MMA vs HeBA.
+"""Training-step cost of adapter methods on ViT-B/16 (random weights), side by side: RMAdapter vs MMA, MMA vs HeBA,
+LatHAdapter vs MMA.
 
     python benchmarks/method_step.py [--methods heba mma rmadapter] [--steps 3] [--batch 16] [--classes 50]
                                      [--threads N]
@@ -12,7 +13,8 @@ built from the method's parameter groups. One warm-up step, then ``--steps`` tim
 median of the timed steps), process CPU seconds per step (less sensitive to other load on a shared
 machine), images/s, peak RSS, RSS after loading (before the first step) and the trainable
 parameters; then the ratios RMAdapter / MMA (the paper's Table 7: +5 % training time, +3 % GPU
-memory) and MMA / HeBA. On a machine shared with other jobs use ``--threads 1``: two intra-op threads
+memory), MMA / HeBA and LatHAdapter / MMA (LatHAdapter runs the image encoder without gradient and
+back-propagates through the text encoder for its attribute prompts only). On a machine shared with other jobs use ``--threads 1``: two intra-op threads
 that have to wait for each other's time slices spin and slow a step down many times over.
 """
 
@@ -114,7 +116,7 @@ def main() -> None:
         print(f"| {r['method']:<10} | {r['trainable_parameters']:,} | {'+'.join(r['loss_terms'])} | {r['wall_best']:.2f} | "
               f"{r['wall_median']:.2f} | {r['cpu_median']:.2f} | {r['images_per_second']:.2f} | {r['peak_rss_gib']:.2f} | "
               f"{r['rss_loaded_gib']:.2f} |")
-    pairs = [("rmadapter", "mma"), ("mma", "heba")]
+    pairs = [("rmadapter", "mma"), ("mma", "heba"), ("lathadapter", "mma")]
     print(f"\n| ratio | s/step (best) | CPU s/step | peak RSS | peak RSS above load | paper |")
     print("|---|---:|---:|---:|---:|---|")
     for a, b in pairs:

@@ -15,6 +15,15 @@ def tiny():
     return load_clip("vladapt-test-tiny")
 
 
+@pytest.fixture(scope="session")
+def vit_b16():
+    """The ViT-B/16 architecture with random weights, loaded once (parameter counts, structure).
+    Tests must leave it as they found it: frozen, nothing attached, weights unchanged."""
+    from vladapt.backbones import load_clip
+
+    return load_clip("ViT-B-16-quickgelu")
+
+
 @pytest.fixture
 def images():
     g = torch.Generator().manual_seed(1)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from vladapt.backbones import load_clip
 from vladapt.config import from_mapping
 from vladapt.data import load_custom
 from vladapt.engine.checkpoint import load_checkpoint
@@ -54,8 +53,8 @@ def trainable(method):
     return {k: v.clone() for k, v in method.trainable_state_dict().items()}
 
 
-def test_vit_b16_heba_has_87_158_016_trainable_parameters():
-    bb = load_clip("ViT-B-16-quickgelu")
+def test_vit_b16_heba_has_87_158_016_trainable_parameters(vit_b16):
+    bb = vit_b16
     heba = create_method("heba", bb, ["gerenuk", "okapi"])
     assert heba.num_trainable_parameters() == 87_158_016
     assert all(not p.requires_grad for p in bb.model.parameters())

@@ -202,20 +202,33 @@ def test_transforms_are_the_protocols():
     assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
 
 
-@pytest.mark.parametrize("method,protocol,dataset", [
-    ("mma", "base2new", "eurosat"), ("mma", "fewshot", "dtd"), ("mma", "cross_dataset", "imagenet"),
-    ("rmadapter", "base2new", "eurosat"), ("rmadapter", "dg", "imagenet"),
+MMA_QUICK = ["method.adapter_start=1"]
+LATH_QUICK = ["method.num_attributes=2"]
+
+
+@pytest.mark.parametrize("method,protocol,dataset,overrides", [
+    ("mma", "base2new", "eurosat", MMA_QUICK), ("mma", "fewshot", "dtd", MMA_QUICK),
+    ("mma", "cross_dataset", "imagenet", MMA_QUICK), ("rmadapter", "base2new", "eurosat", MMA_QUICK),
+    ("rmadapter", "dg", "imagenet", MMA_QUICK), ("lathadapter", "base2new", "eurosat", LATH_QUICK),
+    ("lathadapter", "fewshot", "dtd", LATH_QUICK), ("lathadapter", "cross_dataset", "imagenet", LATH_QUICK),
+    ("lathadapter", "dg", "imagenet", LATH_QUICK),
 ])
-def test_adapters_train_through_every_protocol_from_cli(bench, tmp_path, method, protocol, dataset):
+def test_adapters_train_through_every_protocol_from_cli(bench, tmp_path, method, protocol, dataset, overrides):
     root, _ = bench
     out = tmp_path / "runs"
     argv = ["train", "--method", method, "--protocol", protocol, "--dataset", dataset, "--root", str(root),
             "--model", "vladapt-test-tiny", "--shots", "1", "--out", str(out), "--quiet",
-            "method.adapter_start=1", "train.epochs=1", "train.batch_size=4"]
+            *overrides, "train.epochs=1", "train.batch_size=4"]
     assert main(argv) == 0
     rec = read(out / protocol / method / dataset / "shots_1-seed_1.json")
     assert rec["trained"] and rec["method"] == method and rec["trainable_parameters"] > 0
-    assert rec["method_config"]["adapter_start"] == 1 and rec["method_config"]["dim"] == 32
+    for override in overrides:
+        key, value = override.removeprefix("method.").split("=")
+        assert str(rec["method_config"][key]) == value
     run_dir = out / protocol / method / dataset / "shots_1-seed_1"
     assert (run_dir / "checkpoint" / "weights.safetensors").is_file()
-    assert len((run_dir / "log.jsonl").read_text().splitlines()) == 1
+    (log,) = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    if method == "lathadapter":  # the epoch log keeps the mean of every term the steps reported
+        assert {"ce", "contrast", "entail_category_attribute", "depth_image"} <= set(log["terms"])
+    if method == "rmadapter":
+        assert {"ce", "rec_visual", "rec_text"} <= set(log["terms"])

@@ -31,9 +31,9 @@ VIT_B16 = {
 
 
 @pytest.fixture(scope="module")
-def vit_b16_adapters() -> nn.ModuleDict:
+def vit_b16_adapters(vit_b16) -> nn.ModuleDict:
     # The real ViT-B/16 architecture (random weights); only used to count and inspect adapter parameters.
-    model = load_clip("ViT-B-16-quickgelu").model
+    model = vit_b16.model
     return build_heba_adapters(model, range(1, 13), generator=torch.Generator().manual_seed(0))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vladapt.backbones import ForwardContext, load_clip
+from vladapt.backbones import ForwardContext
 from vladapt.methods import create_method
 from vladapt.methods.base import StepInfo
 
@@ -46,8 +46,8 @@ def manual_features(m, images, tokens, scale, with_branch=True):
     return image, text
 
 
-def test_vit_b16_parameter_counts():
-    bb = load_clip("ViT-B-16-quickgelu")
+def test_vit_b16_parameter_counts(vit_b16):
+    bb = vit_b16
     mma = create_method("mma", bb, ["a", "b"])
     assert mma.num_trainable_parameters() == 674_560  # METHODS.md §4.6
     rma = create_method("rmadapter", bb, ["a", "b"])
