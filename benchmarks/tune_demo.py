@@ -18,7 +18,12 @@ Built-in candidate lists (``--candidate`` replaces them):
 
 * heba: the list that chose ``configs/heba/demo.yaml``;
 * mma: a coarse grid over the branch scale and the learning rate (blocks from 1, whole-image views);
-* rmadapter: MMA's demo values (kept identical) with the reconstruction and consistency weights varied.
+* rmadapter: MMA's demo values (kept identical) with the reconstruction and consistency weights varied;
+* lathadapter: learning rate, residual ratios, epochs and zero-shot fusion around the base2new
+  configuration, all with whole-image views.
+
+The same command with other ``--candidate`` lists runs ablations on the held-out copy (the README's
+LatHAdapter ablation: one candidate per switched-off term or changed design choice).
 """
 
 from __future__ import annotations
@@ -56,10 +61,21 @@ DEFAULT_CANDIDATES = {
         "method.rec_visual_weight=1 method.rec_text_weight=1 method.con_image_weight=1 method.con_text_weight=2.5",
         "method.rec_visual_weight=0.1 method.rec_text_weight=0.1 method.con_image_weight=1 method.con_text_weight=2.5",
     ],
+    # LatHAdapter (whole-image views as the common start, see DEFAULT_COMMON): the reference design's
+    # learning rate, residual ratios, epochs and the zero-shot fusion at inference.
+    "lathadapter": [
+        "",
+        "method.visual_ratio=0.5 method.text_ratio=0.5",
+        "train.lr=0.003",
+        "method.zeroshot_weight=1.0",
+        "method.visual_ratio=0.5 method.text_ratio=0.5 train.lr=0.003",
+        "train.epochs=50 method.visual_ratio=0.1 method.text_ratio=0.1",
+    ],
 }
 # Overrides every candidate of a method starts from (``--common`` replaces them).
 DEFAULT_COMMON = {
     "rmadapter": "MMA_DEMO",  # resolved to MMA's demo.yaml method/train values (see common_overrides)
+    "lathadapter": "train.crop_scale=[1.0,1.0]",
 }
 # The keys of MMA's demo config that RMAdapter inherits, so both run the same adaptation branch and training.
 MMA_KEYS = ("adapter_start", "adapter_end", "towers", "dim", "scale", "shared", "activation", "neg_sampling_ratio",
@@ -79,7 +95,7 @@ def common_overrides(method: str, common: str | None) -> list[str]:
     if common is not None:
         return common.split()
     if DEFAULT_COMMON.get(method) != "MMA_DEMO":
-        return []
+        return DEFAULT_COMMON.get(method, "").split()
     from vladapt.engine.runconfig import packaged_config, resolve_run_config
 
     if packaged_config("mma", "demo") is None:
@@ -113,7 +129,7 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=sorted(DATASETS))
     ap.add_argument("--common", default=None,
                     help="space-separated key=value overrides applied before every candidate's "
-                         "(default: none; for rmadapter MMA's demo values)")
+                         "(default: none; for rmadapter MMA's demo values, for lathadapter whole-image views)")
     ap.add_argument("--candidate", action="append", dest="candidates",
                     help="space-separated key=value overrides; repeat for several (default: a built-in list)")
     args = ap.parse_args()
