@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vladapt.backbones import Backbone
@@ -86,6 +87,9 @@ class Method(nn.Module):
 
     Config: ClassVar[type]
     trainable: ClassVar[bool] = False
+    # A feature-level method learns from frozen image features only: its training step is
+    # feature_step(frozen_image_features(images), ...), so the engine may hand it cached features.
+    feature_level: ClassVar[bool] = False
     registry_name: ClassVar[str] = ""  # set by @register_method
 
     def __init__(self, backbone: Backbone, classnames: list[str], config: Any = None) -> None:
@@ -143,8 +147,22 @@ class Method(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def training_step(self, images: Tensor, labels: Tensor, step: StepInfo | None = None) -> StepOutput:
-        """One step's loss on a batch ``images [B, 3, H, W]``, ``labels [B]`` indexing ``classnames``."""
+        """One step's loss on a batch ``images [B, 3, H, W]``, ``labels [B]`` indexing ``classnames``.
+
+        Feature-level methods need not override it: it is :meth:`feature_step` on the frozen features."""
+        if self.feature_level:
+            return self.feature_step(self.frozen_image_features(images), labels, step)
         raise NotImplementedError(f"{type(self).__name__} is training-free")
+
+    def frozen_image_features(self, images: Tensor) -> Tensor:
+        """The frozen image encoder's features of ``images``, L2-normalized, fp32, without gradient
+        (the same values :class:`~vladapt.engine.features.FrozenFeatures` caches)."""
+        with torch.no_grad():
+            return F.normalize(self.clip.encode_image(images.to(self.device)).float(), dim=-1)
+
+    def feature_step(self, features: Tensor, labels: Tensor, step: StepInfo | None = None) -> StepOutput:
+        """Feature-level methods: one step's loss on frozen image features ``[B, E]`` (L2-normalized, fp32)."""
+        raise NotImplementedError(f"{type(self).__name__} does not train on frozen features")
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called after each training epoch (0-based ``epoch``), e.g. for running averages."""

@@ -158,6 +158,7 @@ class LatHAdapter(Method):
 
     Config = LatHAdapterConfig
     trainable = True
+    feature_level = True
 
     def __init__(self, backbone: Backbone, classnames: list[str], config=None) -> None:
         super().__init__(backbone, classnames, config)
@@ -212,8 +213,7 @@ class LatHAdapter(Method):
 
     def image_inputs(self, images: Tensor) -> Tensor:
         """Frozen image features ``[B, E]`` at norm sqrt(E) (no gradient into the image encoder)."""
-        with torch.no_grad():
-            return self._unit_scale(self.clip.encode_image(images.to(self.device)))
+        return self.frozen_image_features(images) * math.sqrt(self.dim)
 
     def _class_name_tokens(self) -> Tensor:
         names = tuple(self.classnames)
@@ -309,11 +309,11 @@ class LatHAdapter(Method):
                   {"params": scalars, "name": "scalars", "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
-    def training_step(self, images: Tensor, labels: Tensor, step: StepInfo | None = None) -> StepOutput:
+    def feature_step(self, features: Tensor, labels: Tensor, step: StepInfo | None = None) -> StepOutput:
         step = step if step is not None else StepInfo.single(labels)
         cfg = self.config
         y = labels.to(self.device)
-        image_hat = self.adapt_image(self.image_inputs(images))
+        image_hat = self.adapt_image(features.to(self.device).float() * math.sqrt(self.dim))
         text_hat = self.adapt_text(self.category_features())
         logits = self.clip.logit_scale.exp().float() * F.normalize(image_hat, dim=-1) @ F.normalize(text_hat, dim=-1).t()
         ce = F.cross_entropy(logits, y)
