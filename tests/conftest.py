@@ -8,6 +8,22 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache_in_a_temporary_folder(tmp_path_factory):
+    """CLI runs in the tests keep frozen features in a temporary folder, never in the user's cache."""
+    import os
+
+    from vladapt.engine.feature_cache import ENV_VAR
+
+    saved = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield
+    if saved is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from vladapt.backbones import load_clip

@@ -42,6 +42,9 @@ def _add_protocol_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default: %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default: runs)")
+    p.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help="where feature-level methods keep frozen image features across runs (default: "
+                        "$VLADAPT_FEATURE_CACHE or ~/.cache/vladapt/features; 'none': memory only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -256,9 +259,13 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace, backbone, method: str, method_config: dict):
     from vladapt.protocols.runner import RunSettings
 
+    from vladapt.engine.feature_cache import FeatureCache, default_cache_dir
+
+    where = getattr(args, "feature_cache", None)
+    root = default_cache_dir() if where is None else None if where.strip().lower() == "none" else Path(where)
     return RunSettings(backbone=backbone, root=args.root, method=method, method_config=method_config,
                        device=args.device, batch_size=args.batch_size, workers=args.workers,
-                       progress=not args.quiet)
+                       progress=not args.quiet, feature_cache=FeatureCache(root))
 
 
 def _run_grid(args: argparse.Namespace, settings, protocol: str, dataset: str, shots: list[int], seeds: list[int],

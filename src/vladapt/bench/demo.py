@@ -74,6 +74,10 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
               f"({rec['seconds']:.0f} s)", flush=True)
 
     records = []
+    # one cache for the whole demo: feature-level methods share their frozen features across seeds and methods
+    from vladapt.engine.feature_cache import FeatureCache
+
+    features = FeatureCache(s.out / "features")
     for method in methods:
         trainable = registered[method].trainable
         for dataset in datasets:
@@ -82,7 +86,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
                 overrides.insert(0, f"method.descriptions={root / dataset / DESCRIPTIONS}")
             method_cfg, train_cfg = demo_run_config(method, overrides) if trainable else ({}, None)
             settings = RunSettings(backbone=backbone, root=root, method=method, method_config=method_cfg,
-                                   device=s.device, progress=s.progress)
+                                   device=s.device, progress=s.progress, feature_cache=features)
             records += run_grid(settings, "base2new", dataset, [s.shots], s.seeds, s.out / "records",
                                 train_config=train_cfg, report=False, on_record=show if s.progress else None)
     report = "# vladapt demo\n\n" + _summary_table(records, methods, datasets) + "\n" + base2new_table(records)

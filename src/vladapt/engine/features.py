@@ -1,59 +1,93 @@
-"""Frozen-backbone image features of a run's splits, computed on demand and kept for the run.
+"""Frozen-backbone image features of a run's splits, computed once and kept (in memory and on disk).
 
 This is the :class:`~vladapt.methods.base.FeatureSource` the protocols hand to
 :meth:`Method.prepare`: training-free and cache methods (Tip-Adapter's keys, a linear probe's
-inputs, class prototypes) read their features here instead of running the backbone themselves.
+inputs, class prototypes) read their features here instead of running the backbone themselves, and
+the engine trains and evaluates feature-level methods (:attr:`Method.feature_level`) on them. Every
+encoding goes through a :class:`~vladapt.engine.feature_cache.FeatureCache`, keyed by the backbone's
+weights fingerprint and dtype, the image files, the transform and the augmentation pass and seed.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vladapt.data import DatasetSplits
+from vladapt.data import DatasetSplits, Datum, ImageDataset
+from vladapt.engine.feature_cache import FeatureCache, files_fingerprint
 
 
 class FrozenFeatures:
     """``image_features(split, augment_passes)`` of ``splits`` through the frozen ``backbone``.
 
     ``augment_passes = 0``: the test transform, one feature per image. ``augment_passes = n``: the
-    mean of ``n`` training augmentations per image, each seeded by (seed, pass, image index), then
-    L2-normalized (Tip-Adapter builds its cache keys so). Results are cached per (split, passes).
+    mean of ``n`` training augmentations per image (pass ``p`` seeded by (seed, p, image index), the
+    engine's augmentation of epoch ``p``), then L2-normalized (Tip-Adapter builds its cache keys so).
+    ``cache``: where encodings are kept (default: in memory for this object only).
     """
 
     def __init__(self, backbone, splits: DatasetSplits, device: str | torch.device = "cpu", batch_size: int = 64,
-                 seed: int = 0, progress: bool = False, workers: int = 0) -> None:
+                 seed: int = 0, progress: bool = False, workers: int = 0, cache: FeatureCache | None = None) -> None:
         self.backbone, self.splits, self.device = backbone, splits, device
         self.batch_size, self.seed, self.progress, self.workers = batch_size, seed, progress, workers
-        self._cache: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+        self.cache = cache if cache is not None else FeatureCache()
 
+    # ------------------------------------------------------------------ the one encoder
     @torch.no_grad()
-    def _encode(self, dataset, desc: str) -> Tensor:
+    def _run(self, dataset: Dataset, desc: str) -> Tensor:
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers)
         feats = [self.backbone.model.encode_image(images.to(self.device)).float()
                  for images, _ in tqdm(loader, desc=desc, disable=not self.progress, leave=False)]
         return torch.cat(feats).cpu()
 
-    def image_features(self, split: str = "train", augment_passes: int = 0) -> tuple[Tensor, Tensor]:
-        key = (split, augment_passes)
-        if key not in self._cache:
-            from vladapt.data import ImageDataset
-            from vladapt.engine.train import _SeededAugmentation
+    def encode(self, items: list[Datum], image_root: Path, transform, desc: str, augment: tuple[int, int] | None = None
+               ) -> Tensor:
+        """The image encoder's fp32 outputs ``[N, E]`` (not normalized) for ``items`` through ``transform`` (cached).
 
-            items = list(getattr(self.splits, split))
-            labels = torch.tensor([d.label for d in items], dtype=torch.long)
-            if augment_passes == 0:
-                feats = self._encode(ImageDataset(items, self.splits.image_root, self.backbone.test_transform),
-                                     f"features {split}")
-            else:
-                aug = _SeededAugmentation(items, self.splits.image_root, self.backbone.train_transform, self.seed)
-                feats = sum(self._encode(_Pass(aug, p), f"features {split} pass {p + 1}/{augment_passes}")
-                            for p in range(augment_passes)) / augment_passes
-            self._cache[key] = (F.normalize(feats, dim=-1), labels)
-        return self._cache[key]
+        ``augment = (seed, pass)``: each image's transform is seeded by (seed, pass, index), exactly
+        as the engine seeds the images of epoch ``pass``; ``None``: a deterministic transform."""
+        from vladapt.engine.train import _SeededAugmentation
+
+        image_root = Path(image_root)
+        model = self.backbone.model
+        parts = {"kind": "image_features", "backbone": self.backbone.fingerprint, "dtype": str(model.dtype),
+                 "transform": repr(transform), "augment": list(augment) if augment else None,
+                 "files": files_fingerprint(image_root / d.path for d in items), "n": len(items)}
+
+        def compute() -> Tensor:
+            if augment is None:
+                return self._run(ImageDataset(items, image_root, transform), desc)
+            seed, index = augment
+            return self._run(_Pass(_SeededAugmentation(items, image_root, transform, seed), index), desc)
+
+        return self.cache.get(parts, compute)
+
+    # ------------------------------------------------------------------ FeatureSource
+    def image_features(self, split: str = "train", augment_passes: int = 0) -> tuple[Tensor, Tensor]:
+        items = list(getattr(self.splits, split))
+        labels = torch.tensor([d.label for d in items], dtype=torch.long)
+        root = self.splits.image_root
+        if augment_passes == 0:
+            return F.normalize(self.encode(items, root, self.backbone.test_transform, f"features {split}"), dim=-1), labels
+        total = sum(self.encode(items, root, self.backbone.train_transform,
+                                f"features {split} pass {p + 1}/{augment_passes}", (self.seed, p))
+                    for p in range(augment_passes))
+        return F.normalize(total / augment_passes, dim=-1), labels
+
+    def test_features(self, splits: DatasetSplits) -> Tensor:
+        """L2-normalized test-transform features of ``splits.test`` (any dataset: the protocols' evaluation sets)."""
+        return F.normalize(self.encode(list(splits.test), splits.image_root, self.backbone.test_transform,
+                                       f"features {splits.name} test"), dim=-1)
+
+    def train_pass(self, items: list[Datum], image_root: Path, transform, seed: int, epoch: int) -> Tensor:
+        """L2-normalized features of the engine's augmentation of epoch ``epoch`` (seed ``seed``)."""
+        return F.normalize(self.encode(items, image_root, transform, f"features epoch {epoch + 1}", (seed, epoch)),
+                           dim=-1)
 
 
 class _Pass(torch.utils.data.Dataset):

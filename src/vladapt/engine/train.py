@@ -241,7 +241,11 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
                                   "resume with the same command, or start a new run directory")
         start = done["epoch"]
         logs = _read_log(run_dir / "log.jsonl", start)
-    dataset = _SeededAugmentation(items, splits.image_root, _train_transform(backbone, cfg), seed)
+    transform = _train_transform(backbone, cfg)
+    dataset = _SeededAugmentation(items, splits.image_root, transform, seed)
+    # Feature-level methods train on the frozen features of each epoch's augmentation, encoded once
+    # per (backbone, images, transform, seed, epoch) through the run's feature cache.
+    source = getattr(method, "feature_source", None) if getattr(method, "feature_level", False) else None
     labels_all = torch.tensor([d.label for d in items])
     per_epoch = len(epoch_batches(len(items), cfg.batch_size, seed, 0))
     epochs, total = cfg.epochs, cfg.epochs * per_epoch
@@ -256,8 +260,12 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         torch.manual_seed(derive_seed(seed, epoch, 2))
         random.seed(derive_seed(seed, epoch, 3))
         batches = epoch_batches(len(items), cfg.batch_size, seed, epoch)
-        local = [[(epoch, i) for i in b[_shard(b, world, rank)]] for b in batches]
-        loader = DataLoader(dataset, batch_sampler=local, num_workers=cfg.workers)
+        if source is not None:
+            feats = source.train_pass(items, splits.image_root, transform, seed, epoch)
+            loader = [(feats[b[_shard(b, world, rank)]], labels_all[b[_shard(b, world, rank)]]) for b in batches]
+        else:
+            local = [[(epoch, i) for i in b[_shard(b, world, rank)]] for b in batches]
+            loader = DataLoader(dataset, batch_sampler=local, num_workers=cfg.workers)
         method.train()
         t0 = time.perf_counter()
         loss_sum = correct = count = 0.0
@@ -276,7 +284,10 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
                             generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 4, step)),
                             global_labels=labels_all[b], local=_shard(b, world, rank), batch_size=cfg.batch_size)
             with autocast_context(precision, device):
-                out = method.training_step(images.to(device), labels.to(device), info)
+                if source is not None:
+                    out = method.feature_step(images.to(device), labels.to(device), info)
+                else:
+                    out = method.training_step(images.to(device), labels.to(device), info)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(out.loss).backward()

@@ -164,6 +164,17 @@ class Method(nn.Module):
         """Feature-level methods: one step's loss on frozen image features ``[B, E]`` (L2-normalized, fp32)."""
         raise NotImplementedError(f"{type(self).__name__} does not train on frozen features")
 
+    def feature_logits(self, features: Tensor) -> Tensor:
+        """Feature-level methods: logits ``[B, C]`` from frozen image features ``[B, E]`` (L2-normalized, fp32)."""
+        raise NotImplementedError(f"{type(self).__name__} does not classify frozen features")
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``[B, C]`` over the current class names (feature-level methods: :meth:`feature_logits`
+        of the frozen features)."""
+        if self.feature_level:
+            return self.feature_logits(self.frozen_image_features(images))
+        raise NotImplementedError(f"{type(self).__name__} defines no forward")
+
     def on_epoch_end(self, epoch: int) -> None:
         """Called after each training epoch (0-based ``epoch``), e.g. for running averages."""
 

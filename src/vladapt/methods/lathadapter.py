@@ -346,11 +346,11 @@ class LatHAdapter(Method):
         key = (tuple(self.classnames), tuple(self.templates), weights_state([self]))
         return self._eval_cache.get(key, compute)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def feature_logits(self, features: Tensor) -> Tensor:
         cfg = self.config
         text = self._eval_text()
         s = self.clip.logit_scale.exp().float()
-        v = self.image_inputs(images)
+        v = features.to(self.device).float() * math.sqrt(self.dim)
         v_hat = self.adapt_image(v)
         v_unit = F.normalize(v_hat, dim=-1)
         logits = s * v_unit @ F.normalize(text["text_hat"], dim=-1).t()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from vladapt import __version__
 from vladapt.backbones import Backbone
@@ -46,6 +46,8 @@ class RunSettings:
     progress: bool = True
     out_dir: Path | None = None
     evaluate: bool = True  # False in the helper processes of a data-parallel run: only rank 0 evaluates
+    # Frozen image features of feature-level methods (None: kept in memory for one run only)
+    feature_cache: Any = None
 
 
 def build_method(settings: RunSettings, classnames: list[str], dataset: str):
@@ -65,9 +67,17 @@ def evaluate_items(settings: RunSettings, method, splits: DatasetSplits, dataset
 
     method.set_classnames(splits.classnames, dataset=dataset, split=split)
     method.eval()
-    loader = DataLoader(ImageDataset(splits.test, splits.image_root, settings.backbone.test_transform),
-                        batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers)
-    res = evaluate(method, loader, splits.num_classes, device=settings.device, progress=settings.progress, desc=desc)
+    source = getattr(method, "feature_source", None)
+    if getattr(method, "feature_level", False) and source is not None:
+        # feature-level methods classify the frozen test features (encoded once, then cached)
+        labels = torch.tensor([d.label for d in splits.test], dtype=torch.long)
+        loader = DataLoader(TensorDataset(source.test_features(splits), labels), batch_size=settings.batch_size)
+        predict = method.feature_logits
+    else:
+        loader = DataLoader(ImageDataset(splits.test, splits.image_root, settings.backbone.test_transform),
+                            batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers)
+        predict = method
+    res = evaluate(predict, loader, splits.num_classes, device=settings.device, progress=settings.progress, desc=desc)
     return {"accuracy": res.accuracy, "correct": res.correct, "total": res.total, "macro_f1": res.macro_f1,
             "num_classes": splits.num_classes, **method.evaluation_info()}
 
@@ -94,8 +104,10 @@ def _prepare(settings: RunSettings, dataset: str, shots: int, seed: int, run_dir
     method = build_method(settings, train.classnames, dataset)
     from vladapt.engine.features import FrozenFeatures
 
-    method.prepare(train, FrozenFeatures(settings.backbone, train, settings.device, settings.batch_size, seed,
-                                         settings.progress, settings.workers))
+    features = FrozenFeatures(settings.backbone, train, settings.device, settings.batch_size, seed,
+                              settings.progress, settings.workers, cache=settings.feature_cache)
+    method.prepare(train, features)
+    method.feature_source = features  # the engine and the evaluation read a feature-level method's features here
     return few, method, _train(settings, method, train, seed, run_dir)
 
 
