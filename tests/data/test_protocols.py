@@ -211,7 +211,8 @@ LATH_QUICK = ["method.num_attributes=2"]
     ("mma", "cross_dataset", "imagenet", MMA_QUICK), ("rmadapter", "base2new", "eurosat", MMA_QUICK),
     ("rmadapter", "dg", "imagenet", MMA_QUICK), ("lathadapter", "base2new", "eurosat", LATH_QUICK),
     ("lathadapter", "fewshot", "dtd", LATH_QUICK), ("lathadapter", "cross_dataset", "imagenet", LATH_QUICK),
-    ("lathadapter", "dg", "imagenet", LATH_QUICK),
+    ("lathadapter", "dg", "imagenet", LATH_QUICK), ("clip_adapter", "fewshot", "dtd", []),
+    ("clip_adapter", "base2new", "eurosat", []),
 ])
 def test_adapters_train_through_every_protocol_from_cli(bench, tmp_path, method, protocol, dataset, overrides):
     root, _ = bench

@@ -51,6 +51,7 @@ from vladapt.errors import ConfigError
 from vladapt.geometry import Curvature, FeatureScale, LogScalar, Manifold, scalar_parameters
 from vladapt.methods.base import Method, StepInfo, StepOutput
 from vladapt.methods.classifier import ClassifierCache, build_text_classifier, weights_state
+from vladapt.methods.clip_adapter import ResidualAdapter
 from vladapt.methods.registry import register_method
 from vladapt.methods.templates import resolve_templates
 
@@ -112,25 +113,6 @@ class LatHAdapterConfig:
         if self.hyperbolic_logit_scale > self.hyperbolic_logit_scale_max:
             raise ConfigError(f"method.hyperbolic_logit_scale ({self.hyperbolic_logit_scale}) exceeds "
                               f"method.hyperbolic_logit_scale_max ({self.hyperbolic_logit_scale_max})")
-
-
-class ResidualAdapter(nn.Module):
-    """CLIP-Adapter's residual bottleneck: ``x -> ratio * ReLU(W2 ReLU(W1 x)) + (1 - ratio) * x``, no biases."""
-
-    def __init__(self, dim: int, reduction: int, ratio: float) -> None:
-        super().__init__()
-        hidden = dim // reduction
-        if hidden < 1:
-            raise ConfigError(f"method.reduction={reduction} leaves no bottleneck for features of width {dim}")
-        self.fc1 = nn.Linear(dim, hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, dim, bias=False)
-        self.ratio = float(ratio)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.ratio * F.relu(self.fc2(F.relu(self.fc1(x)))) + (1.0 - self.ratio) * x
-
-    def extra_repr(self) -> str:
-        return f"ratio={self.ratio}"
 
 
 def _identity_linear(dim: int) -> nn.Linear:
