@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded default: synthetic data, the bundled tiny "
                                        "CLIP, zero-shot and trained methods through base-to-new")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: %(default)s)")
-    demo.add_argument("--methods", nargs="+", default=None, help="methods (default: zeroshot and every trainable one)")
+    demo.add_argument("--methods", nargs="+", default=None, help="methods (default: zeroshot heba mma rmadapter lathadapter; 'all': every method "
+                      "that classifies unseen classes)")
     demo.add_argument("--datasets", nargs="+", default=None, help="synthetic datasets (default: all)")
     demo.add_argument("--seeds", type=int, nargs="+", default=[1], help="run seeds (default: 1)")
     demo.add_argument("--shots", type=int, default=16, help="shots per class (default: %(default)s)")

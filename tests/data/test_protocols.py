@@ -204,6 +204,7 @@ def test_transforms_are_the_protocols():
 
 MMA_QUICK = ["method.adapter_start=1"]
 LATH_QUICK = ["method.num_attributes=2"]
+NO_WARMUP = ["train.warmup_epochs=0"]  # the published warm-up epoch needs more than the one epoch run here
 
 
 @pytest.mark.parametrize("method,protocol,dataset,overrides", [
@@ -211,8 +212,8 @@ LATH_QUICK = ["method.num_attributes=2"]
     ("mma", "cross_dataset", "imagenet", MMA_QUICK), ("rmadapter", "base2new", "eurosat", MMA_QUICK),
     ("rmadapter", "dg", "imagenet", MMA_QUICK), ("lathadapter", "base2new", "eurosat", LATH_QUICK),
     ("lathadapter", "fewshot", "dtd", LATH_QUICK), ("lathadapter", "cross_dataset", "imagenet", LATH_QUICK),
-    ("lathadapter", "dg", "imagenet", LATH_QUICK), ("clip_adapter", "fewshot", "dtd", []),
-    ("clip_adapter", "base2new", "eurosat", []),
+    ("lathadapter", "dg", "imagenet", LATH_QUICK), ("clip_adapter", "fewshot", "dtd", NO_WARMUP),
+    ("clip_adapter", "base2new", "eurosat", NO_WARMUP),
 ])
 def test_adapters_train_through_every_protocol_from_cli(bench, tmp_path, method, protocol, dataset, overrides):
     root, _ = bench
@@ -223,7 +224,7 @@ def test_adapters_train_through_every_protocol_from_cli(bench, tmp_path, method,
     assert main(argv) == 0
     rec = read(out / protocol / method / dataset / "shots_1-seed_1.json")
     assert rec["trained"] and rec["method"] == method and rec["trainable_parameters"] > 0
-    for override in overrides:
+    for override in (o for o in overrides if o.startswith("method.")):
         key, value = override.removeprefix("method.").split("=")
         assert str(rec["method_config"][key]) == value
     run_dir = out / protocol / method / dataset / "shots_1-seed_1"
@@ -233,3 +234,16 @@ def test_adapters_train_through_every_protocol_from_cli(bench, tmp_path, method,
         assert {"ce", "contrast", "entail_category_attribute", "depth_image"} <= set(log["terms"])
     if method == "rmadapter":
         assert {"ce", "rec_visual", "rec_text"} <= set(log["terms"])
+
+
+def test_linear_probe_runs_fewshot_and_refuses_unseen_classes(bench, tmp_path, capsys):
+    root, _ = bench
+    out = tmp_path / "runs"
+    common = ["--root", str(root), "--model", "vladapt-test-tiny", "--shots", "2", "--out", str(out), "--quiet",
+              "method.search_steps=1", "method.max_iter=50"]
+    assert main(["eval", "--method", "linear_probe", "--protocol", "fewshot", "--dataset", "dtd", *common]) == 0
+    rec = read(out / "fewshot" / "linear_probe" / "dtd" / "shots_2-seed_1.json")
+    assert rec["results"]["test"]["total"] > 0 and rec["results"]["test"]["C"] > 0
+    capsys.readouterr()
+    assert main(["eval", "--method", "linear_probe", "--protocol", "base2new", "--dataset", "eurosat", *common]) == 2
+    assert "unseen classes" in capsys.readouterr().err

@@ -21,10 +21,14 @@ from typing import Any
 from vladapt.errors import ConfigError
 
 
+# The project's own methods next to zero-shot CLIP; the baselines run with --methods NAME ... or all.
+DEFAULT_METHODS = ("zeroshot", "heba", "mma", "rmadapter", "lathadapter")
+
+
 @dataclass
 class DemoSettings:
     out: Path = Path("runs/demo")
-    methods: list[str] | None = None  # None: zero-shot and every trainable method
+    methods: list[str] | None = None  # None: DEFAULT_METHODS; ["all"]: every method that does base-to-new
     datasets: list[str] | None = None  # None: every synthetic dataset
     seeds: list[int] = field(default_factory=lambda: [1])
     shots: int = 16
@@ -56,10 +60,20 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     registered = list_methods()
-    methods = s.methods or ["zeroshot"] + [m for m, info in registered.items() if info.trainable]
+    if not s.methods:
+        methods = list(DEFAULT_METHODS)
+    elif s.methods == ["all"]:  # zero-shot and every method that classifies unseen classes (base-to-new)
+        methods = ["zeroshot"] + [m for m, info in registered.items()
+                                  if m != "zeroshot" and getattr(info.cls, "unseen_classes", True)]
+    else:
+        methods = list(s.methods)
     unknown = [m for m in methods if m not in registered]
     if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; available: {sorted(registered)}")
+        raise ConfigError(f"unknown method(s) {unknown}; available: {sorted(registered)} (or 'all')")
+    closed = [m for m in methods if not getattr(registered[m].cls, "unseen_classes", True)]
+    if closed:
+        raise ConfigError(f"{closed} cannot classify unseen classes, and the demo runs base-to-new; "
+                          "run them with `vladapt eval/train --protocol fewshot`")
     datasets = s.datasets or sorted(DATASETS)
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:

@@ -68,16 +68,18 @@ class FrozenFeatures:
         return self.cache.get(parts, compute)
 
     # ------------------------------------------------------------------ FeatureSource
-    def image_features(self, split: str = "train", augment_passes: int = 0) -> tuple[Tensor, Tensor]:
+    def image_features(self, split: str = "train", augment_passes: int = 0, normalize: bool = True
+                       ) -> tuple[Tensor, Tensor]:
         items = list(getattr(self.splits, split))
         labels = torch.tensor([d.label for d in items], dtype=torch.long)
         root = self.splits.image_root
         if augment_passes == 0:
-            return F.normalize(self.encode(items, root, self.backbone.test_transform, f"features {split}"), dim=-1), labels
-        total = sum(self.encode(items, root, self.backbone.train_transform,
-                                f"features {split} pass {p + 1}/{augment_passes}", (self.seed, p))
-                    for p in range(augment_passes))
-        return F.normalize(total / augment_passes, dim=-1), labels
+            feats = self.encode(items, root, self.backbone.test_transform, f"features {split}")
+        else:
+            feats = sum(self.encode(items, root, self.backbone.train_transform,
+                                    f"features {split} pass {p + 1}/{augment_passes}", (self.seed, p))
+                        for p in range(augment_passes)) / augment_passes
+        return (F.normalize(feats, dim=-1) if normalize else feats), labels
 
     def test_features(self, splits: DatasetSplits) -> Tensor:
         """L2-normalized test-transform features of ``splits.test`` (any dataset: the protocols' evaluation sets)."""

@@ -72,9 +72,11 @@ class StepOutput:
 class FeatureSource(Protocol):
     """Frozen-backbone image features of a split, given to :meth:`Method.prepare`."""
 
-    def image_features(self, split: str = "train", augment_passes: int = 0) -> tuple[Tensor, Tensor]:
+    def image_features(self, split: str = "train", augment_passes: int = 0, normalize: bool = True
+                       ) -> tuple[Tensor, Tensor]:
         """``(features [N, E] L2-normalized fp32, labels [N])``; ``augment_passes > 0`` averages the
-        features of that many seeded training augmentations of each image (Tip-Adapter's cache)."""
+        features of that many seeded training augmentations of each image (Tip-Adapter's cache);
+        ``normalize=False``: the image encoder's raw outputs (averaged over the passes)."""
         ...
 
 
@@ -90,6 +92,9 @@ class Method(nn.Module):
     # A feature-level method learns from frozen image features only: its training step is
     # feature_step(frozen_image_features(images), ...), so the engine may hand it cached features.
     feature_level: ClassVar[bool] = False
+    # False for methods whose classifier exists only for the classes they were fitted on (a cache, a
+    # linear probe): they run the fewshot protocol; base-to-new and transfer need unseen classes.
+    unseen_classes: ClassVar[bool] = True
     registry_name: ClassVar[str] = ""  # set by @register_method
 
     def __init__(self, backbone: Backbone, classnames: list[str], config: Any = None) -> None:

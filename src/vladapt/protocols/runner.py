@@ -194,6 +194,12 @@ def run_protocol(name: str, settings: RunSettings, dataset: str, shots: int, see
     """Run protocol ``name``; returns its record (``None`` in processes that do not evaluate)."""
     if name not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
+    from vladapt.methods import list_methods
+
+    info = list_methods().get(settings.method)
+    if name != "fewshot" and info is not None and not getattr(info.cls, "unseen_classes", True):
+        raise ConfigError(f"method {settings.method!r} classifies only the classes it was fitted on, so it cannot "
+                          f"run {name!r} (unseen classes); use the fewshot protocol")
     return PROTOCOLS[name](settings, dataset=dataset, shots=shots, seed=seed, run_dir=run_dir, **kwargs)
 
 
