@@ -198,8 +198,9 @@ def run_protocol(name: str, settings: RunSettings, dataset: str, shots: int, see
 
     info = list_methods().get(settings.method)
     if name != "fewshot" and info is not None and not getattr(info.cls, "unseen_classes", True):
-        raise ConfigError(f"method {settings.method!r} classifies only the classes it was fitted on, so it cannot "
-                          f"run {name!r} (unseen classes); use the fewshot protocol")
+        raise ConfigError(f"method {settings.method!r} cannot classify unseen classes (it classifies only the classes "
+                          f"it was fitted on), and the {name} protocol evaluates classes it was not fitted on; "
+                          "use the fewshot protocol (--protocol fewshot)")
     return PROTOCOLS[name](settings, dataset=dataset, shots=shots, seed=seed, run_dir=run_dir, **kwargs)
 
 
