@@ -146,3 +146,12 @@ def test_protocol_runs_reuse_the_cache_across_seeds(colors, tiny, tmp_path, monk
     run_protocol("base2new", settings, "folder", shots=2, seed=2)
     n_train = 2 * 3  # 2 shots x 3 base classes: the new seed's training pass; the test sets are reused
     assert calls["images"] == first + n_train
+
+
+def test_feature_passes_cycle_a_fixed_number_of_augmentations(colors, tiny, tmp_path):
+    splits = load_custom(colors, save_split=False)
+    cache = FeatureCache(tmp_path / "cache")
+    m = create_method("clip_adapter", tiny, splits.classnames)
+    m.feature_source = FrozenFeatures(tiny, splits, cache=cache)
+    fit(m, splits, quick_cfg(epochs=5, batch_size=4, warmup_epochs=0, feature_passes=2), seed=1, progress=False)
+    assert cache.misses == 2 and cache.hits == 3  # epochs 1..5 use passes 0, 1, 0, 1, 0

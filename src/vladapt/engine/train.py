@@ -67,6 +67,10 @@ class TrainConfig:
     # Area range of RandomResizedCrop (Dassl's INPUT.RRCROP_SCALE); the field's default crops down
     # to 8% of the image. [1.0, 1.0] keeps the whole image (flip only).
     crop_scale: list[float] = field(default_factory=lambda: list(DEFAULT_CROP_SCALE))
+    # Feature-level methods: the number of distinct augmentation passes whose frozen features are
+    # encoded (epoch e trains on pass e mod N, as Tip-Adapter reuses 10 passes); none = one pass per
+    # epoch, which equals training on the images.
+    feature_passes: int | None = field(default=None, metadata={"min": 1})
 
     def validate(self) -> None:
         if len(self.betas) != 2:
@@ -261,7 +265,8 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         random.seed(derive_seed(seed, epoch, 3))
         batches = epoch_batches(len(items), cfg.batch_size, seed, epoch)
         if source is not None:
-            feats = source.train_pass(items, splits.image_root, transform, seed, epoch)
+            feats = source.train_pass(items, splits.image_root, transform, seed,
+                                      epoch if cfg.feature_passes is None else epoch % cfg.feature_passes)
             loader = [(feats[b[_shard(b, world, rank)]], labels_all[b[_shard(b, world, rank)]]) for b in batches]
         else:
             local = [[(epoch, i) for i in b[_shard(b, world, rank)]] for b in batches]
