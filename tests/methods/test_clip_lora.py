@@ -106,6 +106,9 @@ def test_training_step_equals_the_merged_weights_model(tiny, batch, cfg):
     randomize(m)
     m.train()
     out = m.training_step(images, labels, StepInfo.single(labels))
+    # their --params names: q, k, v -> the fused in-projection's slices, o -> the output projection
+    points = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_out"}
+    assert {k.split("_", 3)[3] for k in m.lora} == {points[t] for t in cfg.get("targets", ["q", "k", "v"])}
     r, alpha = cfg.get("rank", 2), cfg.get("alpha", 1.0)
     scaling = alpha / (r if cfg.get("scaling") == "alpha_over_r" else math.sqrt(r))
     assert m.scaling == pytest.approx(scaling)
