@@ -81,9 +81,10 @@ def test_initialisation_is_kaiming_uniform_A_and_zero_B(tiny):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_initial_model_is_zero_shot_clip_with_the_dataset_template(tiny, batch, mode):
     images, labels = batch
-    m = create_method("clip_lora", tiny, NAMES, {"logit_scale": None})
+    m = create_method("clip_lora", tiny, NAMES, {"logit_scale": None, "template": "dataset"})
     m.set_classnames(NAMES, dataset="dtd", split="all")
     assert m.template == "{} texture."
+    assert create_method("clip_lora", tiny, NAMES).template == "a photo of a {}."  # the released code's, any dataset
     zs = create_method("zeroshot", tiny, NAMES, {"templates": "dataset", "dataset": "dtd"})
     with torch.no_grad():
         expected = zs(images)
@@ -101,7 +102,7 @@ def test_initial_model_is_zero_shot_clip_with_the_dataset_template(tiny, batch, 
 def test_training_step_equals_the_merged_weights_model(tiny, batch, cfg):
     images, labels = batch
     torch.manual_seed(0)
-    m = create_method("clip_lora", tiny, NAMES, cfg)
+    m = create_method("clip_lora", tiny, NAMES, {"template": "dataset", **cfg})
     m.set_classnames(NAMES, dataset="oxford_pets", split="train")
     randomize(m)
     m.train()
@@ -131,7 +132,7 @@ def test_training_step_equals_the_merged_weights_model(tiny, batch, cfg):
 
 def test_dropout_acts_in_training_only_and_follows_the_step_generator(tiny, batch):
     images, labels = batch
-    m = create_method("clip_lora", tiny, NAMES)  # dropout 0.25
+    m = create_method("clip_lora", tiny, NAMES, {"template": "dataset"})  # dropout 0.25
     m.set_classnames(NAMES, dataset="oxford_pets", split="train")
     randomize(m)
     tokens = tiny.tokenizer([f"a photo of a {c}, a type of pet." for c in NAMES])
@@ -211,3 +212,17 @@ def test_towers_subsets(tiny, batch):
 def test_config_errors(tiny, cfg):
     with pytest.raises(ConfigError):
         create_method("clip_lora", tiny, NAMES, cfg)
+
+
+def test_base2new_config_is_the_defaults_and_published_training():
+    from dataclasses import asdict
+
+    from vladapt.engine.runconfig import resolve_run_config
+    from vladapt.methods.clip_lora import CLIPLoRAConfig
+
+    method, train = resolve_run_config("clip_lora", "base2new", None, [])
+    assert method == asdict(CLIPLoRAConfig())
+    assert (train.optimizer, train.lr, train.weight_decay, list(train.betas), train.batch_size) == (
+        "adamw", 2e-4, 1e-2, [0.9, 0.999], 32)
+    assert (train.schedule, train.iterations, train.min_lr, list(train.crop_scale)) == (
+        "iteration", 500 * 16, 1e-6, [0.08, 1.0])

@@ -17,9 +17,12 @@ so the initial model is exactly the frozen CLIP. Rank 2, alpha 1.
 ``alpha / r`` is commented out there), 1/sqrt(2) for the published r = 2, alpha = 1; that is the
 default here (``scaling: alpha_over_sqrt_r``); ``scaling: alpha_over_r`` gives the LoRA paper's.
 
-Text side: one prompt per class from a single template, CoOp's template of the dataset
-(``template: dataset``, as ``zeroshot`` resolves it; the reference's ``dataset.template[0]`` is the
-same string for the 11 datasets). The text encoder carries LoRA too, so the text features of
+Text side: one prompt per class from a single template. The released code uses
+``"a photo of a {}."`` for **every** dataset (in each ``datasets/*.py`` CoOp's per-dataset template,
+e.g. ``"{} texture."`` for DTD, sits inside a disabled string literal and ``template = ['a photo of
+a {}.']`` follows; ImageNet likewise), so that is the default here; ``template: dataset`` gives CoOp's
+template of the dataset (as ``zeroshot`` resolves it), or give any one template with ``{}``.
+The text encoder carries LoRA too, so the text features of
 **all** classes are recomputed at every step; at evaluation the classifier (same template, no
 dropout) is cached until the weights or the classes change. Loss: cross-entropy on
 ``logit_scale * cos(image, text)`` with the reference's fixed ``logit_scale = 100`` (``main.py``;
@@ -89,8 +92,9 @@ class CLIPLoRAConfig:
     dropout: float = field(default=0.25, metadata={"min": 0.0, "help": "on the LoRA path's input, training only"})
     logit_scale: float | None = field(default=100.0, metadata={
         "min": 0.0, "help": "fixed logit scale (reference: 100); none = exp(the backbone's logit_scale)"})
-    template: str = field(default="dataset", metadata={
-        "help": "'dataset' (CoOp's template of the dataset) or one template with {}"})
+    template: str = field(default="a photo of a {}.", metadata={
+        "help": "one template with {} (the reference: 'a photo of a {}.' for every dataset) or 'dataset' "
+                "(CoOp's template of the dataset)"})
     dataset: str | None = field(default=None, metadata={"help": "whose template 'dataset' means (default: the run's)"})
     text_batch_size: int = field(default=256, metadata={"min": 1})
 
