@@ -230,7 +230,7 @@ def test_adapters_train_through_every_protocol_from_cli(bench, tmp_path, method,
     run_dir = out / protocol / method / dataset / "shots_1-seed_1"
     assert (run_dir / "checkpoint" / "weights.safetensors").is_file()
     logs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert len(logs) == (1 if "train.iterations=2" not in overrides else len(logs)) and logs
+    assert len(logs) == 1 or "train.iterations=2" in overrides  # an iteration budget may span epochs
     log = logs[-1]
     if method == "lathadapter":  # the epoch log keeps the mean of every term the steps reported
         assert {"ce", "contrast", "entail_category_attribute", "depth_image"} <= set(log["terms"])
