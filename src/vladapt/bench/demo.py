@@ -56,7 +56,9 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     registered = list_methods()
-    methods = s.methods or ["zeroshot"] + [m for m, info in registered.items() if info.trainable]
+    # base-to-new: methods that cannot classify unseen classes (Tip-Adapter-F's cache) are left out
+    methods = s.methods or ["zeroshot"] + [m for m, info in registered.items()
+                                           if info.trainable and getattr(info.cls, "unseen_classes", True)]
     unknown = [m for m in methods if m not in registered]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; available: {sorted(registered)}")
