@@ -161,6 +161,11 @@ def test_the_first_best_grid_point_wins():
     res = search_alpha_beta(f, torch.tensor([0, 1]), torch.tensor([[-1.0, 0.0]]), torch.tensor([[1.0, 0.0]]),
                             torch.eye(2), [5.0, 3.0], [4, 3])
     assert (res.beta, res.alpha, res.correct) == (0.1, 0.1, 2)
+    # beta is the outer loop: with an affinity above 1 (trained keys) the cache term grows with beta, so
+    # (beta 0.1, alpha 1.09) and (beta 5.05, alpha 0.1) both classify the sample; beta-major finds the first
+    res = search_alpha_beta(torch.tensor([[1.0, 0.0]]), torch.tensor([1]), torch.tensor([[1.5, 0.0]]),
+                            torch.tensor([[0.0, 1.0]]), torch.eye(2), [10.0, 10.0], [10, 10], logit_scale=1.0)
+    assert (res.beta, res.alpha, res.correct) == (pytest.approx(0.1), pytest.approx(1.09), 1)
 
 
 def test_no_validation_split_is_an_error_unless_the_search_is_off(tiny):
@@ -228,6 +233,8 @@ def test_unseen_classes_are_a_clear_error(tiny, images):
     m, _ = prepared(tiny)
     with pytest.raises(ConfigError, match="cannot classify unseen classes.*--protocol fewshot"):
         m.set_classnames(["yellow moon", "bird"], split="new")
+    with pytest.raises(ConfigError, match="asked for new classes"):
+        m.set_classnames(NAMES, split="new")
     with pytest.raises(ConfigError, match="cannot classify unseen classes.*'bird'"):
         m.set_classnames(["cat", "bird"], dataset="other", split="all")
     assert m.classnames == NAMES  # unchanged by the refused calls
@@ -281,3 +288,21 @@ def test_bad_config_values(tiny):
             create_method("tip_adapter", tiny, NAMES, cfg)
     with pytest.raises(ConfigError, match="FeatureSource"):
         create_method("tip_adapter", tiny, NAMES).prepare(Splits(NAMES), None)
+
+
+def test_packaged_configs():
+    from dataclasses import asdict
+
+    from vladapt.engine.runconfig import packaged_config, resolve_run_config
+
+    defaults = asdict(TipAdapterConfig())
+    for name in ("tip_adapter", "tip_adapter_f"):
+        method_cfg, train = resolve_run_config(name, "fewshot")
+        assert method_cfg == defaults  # the published setting is the default (what `vladapt eval` uses)
+        assert resolve_run_config(name, "demo")[0] == defaults
+        assert resolve_run_config(name, "dg")[0] == {**defaults, "search": False}  # ImageNet has no val split
+        assert packaged_config(name, "base2new") is None and packaged_config(name, "cross_dataset") is None
+    _, train = resolve_run_config("tip_adapter_f", "fewshot")
+    assert (train.optimizer, train.lr, train.eps, train.weight_decay, train.epochs, train.batch_size, train.schedule,
+            train.scheduler, train.min_lr, train.warmup_epochs, train.crop_scale) == (
+        "adamw", 0.001, 1e-4, 0.01, 20, 256, "iteration", "cosine", 0.0, 0, [0.5, 1.0])
