@@ -82,6 +82,18 @@ def evaluate_items(settings: RunSettings, method, splits: DatasetSplits, dataset
             "num_classes": splits.num_classes, **method.evaluation_info()}
 
 
+def _require_unseen_classes(settings: RunSettings, protocol: str) -> None:
+    """Fail before any work when the method cannot classify classes it was not fitted on (a cache of
+    labelled images: Tip-Adapter) and ``protocol`` evaluates such classes."""
+    from vladapt.methods import list_methods
+
+    info = list_methods().get(settings.method)
+    if info is not None and not getattr(info.cls, "unseen_classes", True):
+        raise ConfigError(f"method {settings.method!r} cannot classify unseen classes (it holds weights or a cache "
+                          f"for its training classes only), and the {protocol} protocol evaluates classes it was not fitted on; "
+                          "use the fewshot protocol (--protocol fewshot)")
+
+
 def _train(settings: RunSettings, method, train: DatasetSplits, seed: int, run_dir: Path | None) -> bool:
     if not getattr(method, "trainable", False):
         return False
@@ -135,6 +147,7 @@ def _record(settings: RunSettings, protocol: str, dataset: str, shots: int, seed
 def run_base2new(settings: RunSettings, dataset: str, shots: int, seed: int,
                  run_dir: Path | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
+    _require_unseen_classes(settings, "base2new")
     few, method, trained = _prepare(settings, dataset, shots, seed, run_dir, train_classes="base")
     if not settings.evaluate:
         return None
@@ -163,6 +176,7 @@ def _run_transfer(settings: RunSettings, protocol: str, source: str, targets: tu
 
 def run_cross_dataset(settings: RunSettings, dataset: str = "imagenet", shots: int = 16, seed: int = 1,
                       run_dir: Path | None = None, targets: tuple[str, ...] = CROSS_DATASET_TARGETS) -> dict[str, Any]:
+    _require_unseen_classes(settings, "cross_dataset")
     return _run_transfer(settings, "cross_dataset", dataset, targets, shots, seed, run_dir)
 
 
@@ -194,13 +208,6 @@ def run_protocol(name: str, settings: RunSettings, dataset: str, shots: int, see
     """Run protocol ``name``; returns its record (``None`` in processes that do not evaluate)."""
     if name not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
-    from vladapt.methods import list_methods
-
-    info = list_methods().get(settings.method)
-    if name != "fewshot" and info is not None and not getattr(info.cls, "unseen_classes", True):
-        raise ConfigError(f"method {settings.method!r} cannot classify unseen classes (it classifies only the classes "
-                          f"it was fitted on), and the {name} protocol evaluates classes it was not fitted on; "
-                          "use the fewshot protocol (--protocol fewshot)")
     return PROTOCOLS[name](settings, dataset=dataset, shots=shots, seed=seed, run_dir=run_dir, **kwargs)
 
 
