@@ -25,7 +25,8 @@ present one, when there are more classes than the batch size), plain cross-entro
 25 epochs at batch 16. Trainable parameters on ViT-B/16: ``12 * (9 * (768 + 3072) + 3 * (512 + 2048))
 = 506,880``.
 
-Differences from the released code, none of which changes its numbers with the defaults:
+Matching the released code (``tests/methods/test_parity.py`` compares logits, loss and every adapter
+gradient with it); options and differences, none of which changes its numbers with the defaults:
 
 * The text tower runs over the whole context (``truncate_text`` is False): the symmetric
   convolution mixes position ``t + 1`` into ``t``, so the EOT feature depends on the padding token
@@ -45,7 +46,9 @@ invalidation (fine for Dassl's single final test); with ``PREC = "fp16"`` the to
 fp16 before the EOT ``argmax``: ids from 49,392 up round to 49,408, the SOT token (49,406) at
 position 0 ties with the EOT (49,407) and wins, so every prompt would be read at its SOT position
 (``amp``, the released setting, and ``fp32`` keep the ids exact); ``DWConvNormAct`` has neither a
-norm nor an activation.
+norm nor an activation. By design, the last visual block's MLP adapter changes only patch tokens
+that nothing reads afterwards (the image feature is the CLS token's): its weights get no loss
+gradient, only weight decay (27,648 of the 506,880 parameters on ViT-B/16), in the released code as here.
 """
 
 from __future__ import annotations
