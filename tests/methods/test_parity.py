@@ -56,7 +56,7 @@ def close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float =
     """Assert the tolerance above; ``scale`` replaces max|reference| as the magnitude of the tensor."""
     actual, expected = actual.detach().double(), expected.detach().double()
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != reference {tuple(expected.shape)}"
-    if scale is None:
+    if not scale:  # None, or 0 for an all-zero reference (e.g. the gradient of an adapter nothing reads)
         scale = float(expected.abs().max()) or 1.0
     diff = (actual - expected).abs()
     bound = atol * scale + rtol * expected.abs()
@@ -349,3 +349,99 @@ def test_zz_report_observed_differences():
         print(f"\nparity: {len(OBSERVED)} tensors compared; largest max|diff|/max|ref|:")
         for k, v in worst:
             print(f"  {v:.2e}  {k}")
+
+
+# ------------------------------------------------------------------------------------------ LwEIB
+def lweib_name(ref: str) -> str:
+    """``text_adapter.1.att_conv.conv.weight`` -> ``adapters.text_blocks_0_attn_in.residual.branch.conv.weight``
+    (the reference's blocks are 1-based, vladapt's point names 0-based)."""
+    tower, layer, position, part, kind = ref.split(".")
+    return (f"adapters.{tower.removesuffix('_adapter')}_blocks_{int(layer) - 1}_{HEBA_POSITIONS[position]}"
+            f".residual.branch.{part}.{kind}")
+
+
+@pytest.fixture(scope="module")
+def lweib_fixture(tiny_fp16, tmp_path_factory):
+    tensors, meta = load_fixture("lweib_tiny")
+    bb = fp16_backbone(meta, tiny_fp16)
+    banks = {}
+    for key in ("descriptions", "descriptions_train"):
+        path = tmp_path_factory.mktemp("lweib") / f"{key}.json"
+        path.write_text(json.dumps(meta[key]))
+        banks[key] = str(path)
+    return tensors, meta, bb, reference_weights(tensors, meta), banks
+
+
+def build_lweib(lweib_fixture, bank: str = "descriptions", **overrides):
+    """vladapt's LwEIB with the reference's TRAINER.LWEIB settings; everything else (plain
+    cross-entropy, the symmetric text convolution, kernel 3) is left to vladapt's defaults."""
+    tensors, meta, bb, weights, banks = lweib_fixture
+    ref = meta["config"]["TRAINER"]["LWEIB"]
+    cfg = {"adapter_start": ref["ADAPTER_START"], "adapter_end": ref["ADAPTER_END"], "scale": ref["ADAPTER_SCALE"],
+           "scale_factor": ref["ADAPTER_SCALE_FACTOR"], "slow_fast_ratio": ref["SLOW_FAST_RATIO"],
+           "neg_sampling_ratio": ref["NEG_SAMPLING_RATIO"], "text_prefix": ref["TEXT_CTX_INIT"],
+           "descriptions": banks[bank], **overrides}
+    method = create_method("lweib", bb, meta["classnames"], cfg)
+    return method, load_mapped(method, weights, lweib_name)
+
+
+def test_lweib_parameters_and_tokens_equal_reference(lweib_fixture):
+    tensors, meta, bb, weights, _ = lweib_fixture
+    method, mapping = build_lweib(lweib_fixture)
+    assert method.num_trainable_parameters() == meta["trainable_parameters"] == sum(w.numel() for w in weights.values())
+    assert len(mapping) == len(set(mapping.values())) == len(weights)
+    assert torch.equal(method._tokens.to(torch.int64), tensors["tokens/descriptions"].to(torch.int64))
+    method, _ = build_lweib(lweib_fixture, bank="descriptions_train")
+    assert torch.equal(method._tokens.to(torch.int64), tensors["tokens/one"].to(torch.int64))
+
+
+def test_lweib_eval_logits_equal_reference(lweib_fixture):
+    tensors, meta, bb, weights, _ = lweib_fixture
+    images = tensors["inputs/images"].float()
+    for key, overrides in (("eval", {}), ("eval_large", {"scale": meta["config_large"]["ADAPTER_SCALE"]})):
+        method, _ = build_lweib(lweib_fixture, **overrides)
+        method.eval()
+        with torch.no_grad():
+            close(f"lweib {key}/logits", method(images), tensors[f"{key}/logits"])
+
+
+@pytest.mark.parametrize("key", ["train", "train_large"])
+def test_lweib_training_step_equals_reference(lweib_fixture, key):
+    """Loss, logits and every adapter gradient of one step (slow-fast off, all classes, one description)."""
+    tensors, meta, bb, weights, _ = lweib_fixture
+    images, labels = tensors["inputs/images"].float(), tensors["inputs/labels"]
+    scale = meta["config_large"]["ADAPTER_SCALE"] if key == "train_large" else meta["config"]["TRAINER"]["LWEIB"]["ADAPTER_SCALE"]
+    method, mapping = build_lweib(lweib_fixture, bank="descriptions_train", scale=scale)
+    method.train()
+    out = method.training_step(images, labels, step_info(labels))
+    out.loss.backward()
+    assert set(out.context.scales.values()) == {scale}
+    close(f"lweib {key}/logits", out.logits, tensors[f"{key}/logits"])
+    close(f"lweib {key}/loss", out.loss.reshape(1), tensors[f"{key}/loss"])
+    check_grads(f"lweib {key}", f"{key}/grad/", tensors, method, mapping, weights)
+
+
+def test_lweib_training_step_with_negative_sampling_equals_reference(lweib_fixture):
+    """Negative sampling (ratio 7) active and taking every absent class: the loss, the positives'
+    logits and the gradients do not depend on the (random) order of the negatives."""
+    tensors, meta, bb, weights, _ = lweib_fixture
+    images, labels = tensors["inputs/images"].float(), tensors["inputs/labels_neg"]
+    method, mapping = build_lweib(lweib_fixture, bank="descriptions_train",
+                                  neg_sampling_ratio=meta["config_train_neg"]["NEG_SAMPLING_RATIO"])
+    method.train()
+    out = method.training_step(images, labels, step_info(labels))
+    out.loss.backward()
+    assert torch.equal(out.labels, tensors["train_neg/remapped"])
+    npos = tensors["train_neg/logits_pos"].shape[1]
+    assert out.logits.shape[1] == npos + tensors["train_neg/logits_neg_sorted"].shape[1]
+    close("lweib train_neg/logits_pos", out.logits[:, :npos], tensors["train_neg/logits_pos"])
+    close("lweib train_neg/logits_neg_sorted", out.logits[:, npos:].sort(dim=1).values,
+          tensors["train_neg/logits_neg_sorted"])
+    close("lweib train_neg/loss", out.loss.reshape(1), tensors["train_neg/loss"])
+    params = dict(method.named_parameters())
+    for ref, name in mapping.items():
+        g = params[name].grad.double()
+        sumsq = tensors[f"train_neg/grad/{ref}#sumsq"]
+        close(f"lweib train_neg/grad/{ref}#sumsq", (g ** 2).sum().reshape(1), sumsq)
+        close(f"lweib train_neg/grad/{ref}#sum", g.sum().reshape(1), tensors[f"train_neg/grad/{ref}#sum"],
+              scale=float((g.numel() * sumsq.double()).sqrt()))

@@ -167,7 +167,9 @@ class AdapterMethod(Method):
 
     * :meth:`train_scale_fn` (default: ``None``, every module uses its own scale),
     * :meth:`eval_scale` (default: ``None``, idem),
-    * :meth:`extra_losses` (default: none) for loss terms beyond the cross-entropy.
+    * :meth:`extra_losses` (default: none) for loss terms beyond the cross-entropy,
+    * :attr:`truncate_text` (default: ``True``) when its text modules mix later token positions into
+      earlier ones.
 
     Config fields read when present (with these defaults otherwise): ``neg_sampling_ratio`` (-1: all
     classes), ``label_smoothing`` (0), ``text_prefix`` ("a photo of a"), ``descriptions`` (None),
@@ -176,6 +178,10 @@ class AdapterMethod(Method):
 
     trainable = True
     adapters: nn.ModuleDict
+    # The text tower may run only up to the longest prompt's EOT: exact as long as no attached module
+    # mixes a later token position into an earlier one. A method whose text modules look ahead
+    # (LwEIB's symmetric 1-D convolution along the tokens) sets it to False.
+    truncate_text: bool = True
 
     def __init__(self, backbone, classnames: list[str], config: Any = None) -> None:
         super().__init__(backbone, classnames, config)
@@ -247,7 +253,7 @@ class AdapterMethod(Method):
         tokens = self._tokens[class_ids, templates].to(self.device)
         ctx = ForwardContext(self.train_scale_fn(gen))
         with self.attached():
-            raw_text = self.clip.encode_text(tokens, ctx).float()
+            raw_text = self.clip.encode_text(tokens, ctx, truncate=self.truncate_text).float()
             raw_image = self.clip.encode_image(images, ctx).float()
         text, image = F.normalize(raw_text, dim=-1), F.normalize(raw_image, dim=-1)
         logits = self.clip.logit_scale.exp().float() * image @ text.t()
@@ -268,10 +274,11 @@ class AdapterMethod(Method):
     def _compute_text_classifier(self) -> Tensor:
         ctx = self.eval_context()
         token_sets = (self._tokens[:, t] for t in range(self.bank.num_templates))
+        truncate = self.truncate_text
         with self.attached():
-            return template_averaged_classifier(lambda tokens: self.clip.encode_text(tokens, ctx), token_sets,
-                                                self.device, self._cfg("text_batch_size", 256), self.progress,
-                                                total=self.bank.num_templates)
+            return template_averaged_classifier(lambda tokens: self.clip.encode_text(tokens, ctx, truncate=truncate),
+                                                token_sets, self.device, self._cfg("text_batch_size", 256),
+                                                self.progress, total=self.bank.num_templates)
 
     def text_classifier(self) -> Tensor:
         """``[C, E]``: per template the adapted text features, L2-normalized, averaged, normalized."""
