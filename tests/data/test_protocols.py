@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import yaml
 
 from datafixtures import build_benchmark_root
 from vladapt.backbones import load_clip
@@ -211,20 +212,23 @@ LATH_QUICK = ["method.num_attributes=2"]
     ("mma", "cross_dataset", "imagenet", MMA_QUICK), ("rmadapter", "base2new", "eurosat", MMA_QUICK),
     ("rmadapter", "dg", "imagenet", MMA_QUICK), ("lathadapter", "base2new", "eurosat", LATH_QUICK),
     ("lathadapter", "fewshot", "dtd", LATH_QUICK), ("lathadapter", "cross_dataset", "imagenet", LATH_QUICK),
-    ("lathadapter", "dg", "imagenet", LATH_QUICK),
+    ("lathadapter", "dg", "imagenet", LATH_QUICK), ("coop", "base2new", "eurosat", []),
+    ("coop", "cross_dataset", "imagenet", ["method.class_token_position=middle"]),
+    ("coop", "fewshot", "dtd", ["method.csc=true"]), ("cocoop", "base2new", "eurosat", ["method.text_batch_size=3"]),
+    ("cocoop", "dg", "imagenet", []),
 ])
 def test_adapters_train_through_every_protocol_from_cli(bench, tmp_path, method, protocol, dataset, overrides):
     root, _ = bench
     out = tmp_path / "runs"
     argv = ["train", "--method", method, "--protocol", protocol, "--dataset", dataset, "--root", str(root),
             "--model", "vladapt-test-tiny", "--shots", "1", "--out", str(out), "--quiet",
-            *overrides, "train.epochs=1", "train.batch_size=4"]
+            *overrides, "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=4"]
     assert main(argv) == 0
     rec = read(out / protocol / method / dataset / "shots_1-seed_1.json")
     assert rec["trained"] and rec["method"] == method and rec["trainable_parameters"] > 0
     for override in overrides:
         key, value = override.removeprefix("method.").split("=")
-        assert str(rec["method_config"][key]) == value
+        assert rec["method_config"][key] == yaml.safe_load(value)
     run_dir = out / protocol / method / dataset / "shots_1-seed_1"
     assert (run_dir / "checkpoint" / "weights.safetensors").is_file()
     (log,) = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
