@@ -20,7 +20,10 @@ Built-in candidate lists (``--candidate`` replaces them):
 * mma: a coarse grid over the branch scale and the learning rate (blocks from 1, whole-image views);
 * rmadapter: MMA's demo values (kept identical) with the reconstruction and consistency weights varied;
 * lathadapter: learning rate, residual ratios, epochs and zero-shot fusion around the base2new
-  configuration, all with whole-image views.
+  configuration, all with whole-image views;
+* coop: the learning rate over two decades at 50 epochs (a quarter of the published 200), whole-image views;
+* cocoop: batch 8 (the published batch 1 as a reference point) with the learning rate scaled and the
+  number of epochs varied, whole-image views.
 
 The same command with other ``--candidate`` lists runs ablations on the held-out copy (the README's
 LatHAdapter ablation: one candidate per switched-off term or changed design choice).
@@ -71,11 +74,25 @@ DEFAULT_CANDIDATES = {
         "method.visual_ratio=0.5 method.text_ratio=0.5 train.lr=0.003",
         "train.epochs=50 method.visual_ratio=0.1 method.text_ratio=0.1",
     ],
+    # CoOp and CoCoOp (whole-image views as the common start, see DEFAULT_COMMON).
+    "coop": [
+        "train.epochs=50 train.lr=0.002",
+        "train.epochs=50 train.lr=0.02",
+        "train.epochs=50 train.lr=0.2",
+    ],
+    "cocoop": [
+        "train.batch_size=1",  # the published batch, lr 0.002 and 10 epochs: 1,280 steps on 8 x 16 images
+        "train.batch_size=8 train.lr=0.016",  # 8x the batch, 8x the lr (linear scaling), 10 epochs
+        "train.batch_size=8 train.lr=0.1",
+        "train.batch_size=8 train.lr=0.1 train.epochs=30",
+    ],
 }
 # Overrides every candidate of a method starts from (``--common`` replaces them).
 DEFAULT_COMMON = {
     "rmadapter": "MMA_DEMO",  # resolved to MMA's demo.yaml method/train values (see common_overrides)
     "lathadapter": "train.crop_scale=[1.0,1.0]",
+    "coop": "train.crop_scale=[1.0,1.0]",
+    "cocoop": "train.crop_scale=[1.0,1.0]",
 }
 # The keys of MMA's demo config that RMAdapter inherits, so both run the same adaptation branch and training.
 MMA_KEYS = ("adapter_start", "adapter_end", "towers", "dim", "scale", "shared", "activation", "neg_sampling_ratio",
@@ -129,7 +146,8 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=sorted(DATASETS))
     ap.add_argument("--common", default=None,
                     help="space-separated key=value overrides applied before every candidate's "
-                         "(default: none; for rmadapter MMA's demo values, for lathadapter whole-image views)")
+                         "(default: none; for rmadapter MMA's demo values, for lathadapter, coop and cocoop "
+                         "whole-image views)")
     ap.add_argument("--candidate", action="append", dest="candidates",
                     help="space-separated key=value overrides; repeat for several (default: a built-in list)")
     args = ap.parse_args()

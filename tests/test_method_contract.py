@@ -179,7 +179,7 @@ def test_iteration_schedule_sets_the_rate_every_step_and_stops(head, colors, tin
 
 def test_methods_register_themselves_and_names_are_unique():
     methods = list_methods()
-    assert {"zeroshot", "heba", "mma", "rmadapter", "lathadapter"} <= set(methods)
+    assert {"zeroshot", "heba", "mma", "rmadapter", "lathadapter", "coop", "cocoop"} <= set(methods)
     assert methods["heba"].trainable and not methods["zeroshot"].trainable
     with pytest.raises(ValueError, match="registered twice"):
         register_method("heba")(type("Other", (Method,), {}))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import yaml
 
 from datafixtures import build_benchmark_root
 from vladapt.backbones import load_clip
@@ -214,6 +215,11 @@ NO_WARMUP = ["train.warmup_epochs=0"]  # the published warm-up epoch needs more 
     ("lathadapter", "fewshot", "dtd", LATH_QUICK), ("lathadapter", "cross_dataset", "imagenet", LATH_QUICK),
     ("lathadapter", "dg", "imagenet", LATH_QUICK), ("clip_adapter", "fewshot", "dtd", NO_WARMUP),
     ("clip_adapter", "base2new", "eurosat", NO_WARMUP), ("clip_lora", "base2new", "eurosat", ["train.iterations=2"]),
+    ("lathadapter", "dg", "imagenet", LATH_QUICK), ("coop", "base2new", "eurosat", NO_WARMUP),
+    ("coop", "cross_dataset", "imagenet", [*NO_WARMUP, "method.class_token_position=middle"]),
+    ("coop", "fewshot", "dtd", [*NO_WARMUP, "method.csc=true"]), ("cocoop", "base2new", "eurosat", [*NO_WARMUP, "method.text_batch_size=3"]),
+    ("cocoop", "dg", "imagenet", NO_WARMUP), ("lweib", "base2new", "eurosat", ["method.text_conv=causal"]),
+    ("lweib", "cross_dataset", "imagenet", []),
 ])
 def test_adapters_train_through_every_protocol_from_cli(bench, tmp_path, method, protocol, dataset, overrides):
     root, _ = bench
@@ -226,7 +232,7 @@ def test_adapters_train_through_every_protocol_from_cli(bench, tmp_path, method,
     assert rec["trained"] and rec["method"] == method and rec["trainable_parameters"] > 0
     for override in (o for o in overrides if o.startswith("method.")):
         key, value = override.removeprefix("method.").split("=")
-        assert str(rec["method_config"][key]) == value
+        assert rec["method_config"][key] == yaml.safe_load(value)
     run_dir = out / protocol / method / dataset / "shots_1-seed_1"
     assert (run_dir / "checkpoint" / "weights.safetensors").is_file()
     logs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]

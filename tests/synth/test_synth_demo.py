@@ -53,7 +53,7 @@ def test_every_trainable_method_has_a_demo_config_that_fits_the_bundled_model():
     bb = load_clip("vladapt-tiny")
     trainable = [m for m, info in list_methods().items()
                  if info.trainable and getattr(info.cls, "unseen_classes", True)]  # the ones the demo runs
-    assert {"heba", "mma", "rmadapter", "lathadapter"} <= set(trainable)
+    assert {"heba", "mma", "rmadapter", "lathadapter", "coop", "cocoop", "lweib", "clip_adapter", "clip_lora"} <= set(trainable)
     for method in trainable:
         assert packaged_config(method, "demo") is not None, method
         method_cfg, train_cfg = demo_run_config(method, [])
