@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from test_heba_engine import color_folder, quick_cfg
+from vladapt.backbones import train_transform
 from vladapt.data import load_custom
 from vladapt.engine.feature_cache import ENV_VAR, FeatureCache, default_cache_dir
 from vladapt.engine.features import FrozenFeatures
@@ -50,6 +51,16 @@ def test_hit_miss_and_a_second_process_reads_the_disk(colors, tiny, tmp_path, mo
     FrozenFeatures(tiny, splits, seed=2, cache=cache).image_features("val", augment_passes=3)
     assert calls["images"] == 4 * len(splits.val)  # passes 1 and 2 are reused, only pass 3 is new
     assert not torch.allclose(passes, first)
+    # another crop range (Tip-Adapter's cache keys: 50-100% of the area) is another entry ...
+    half = FrozenFeatures(tiny, splits, seed=2, cache=cache).image_features("val", augment_passes=1,
+                                                                            crop_scale=(0.5, 1.0))[0]
+    assert calls["images"] == 5 * len(splits.val)
+    # ... the pass of that transform, seeded as the engine seeds epoch 0 (read back: no new encoding)
+    transform = train_transform(tiny.image_size, tiny.mean, tiny.std, scale=(0.5, 1.0))
+    assert "scale=(0.5, 1.0)" in repr(transform)
+    expected = FrozenFeatures(tiny, splits, cache=cache).encode(splits.val, splits.image_root, transform, "val", (2, 0))
+    assert calls["images"] == 5 * len(splits.val)
+    assert torch.equal(half, torch.nn.functional.normalize(expected, dim=-1))
 
 
 def test_changed_backbone_transform_seed_or_file_is_a_miss(colors, tiny, tmp_path, monkeypatch):

@@ -43,8 +43,8 @@ class Features:
         self.val = val
         self.requests = []
 
-    def image_features(self, split="train", augment_passes=0):
-        self.requests.append((split, augment_passes))
+    def image_features(self, split="train", augment_passes=0, crop_scale=None):
+        self.requests.append((split, augment_passes, crop_scale))
         if split == "train":
             return self.train
         if split == "val":
@@ -126,8 +126,8 @@ def test_the_search_uses_validation_only_and_equals_brute_force(tiny):
     assert list(inspect.signature(search_alpha_beta).parameters)[:2] == ["val_features", "val_labels"]
     # alpha up to 60: large enough against the random text classifier's 100 * cos for the grid to matter
     m, feats = prepared(tiny, config={"search_scale": [12.0, 60.0]})
-    assert {s for s, _ in feats.requests} == {"train", "val"}  # the test split was never asked for
-    assert ("train", 10) in feats.requests  # the keys: 10 augmented passes
+    assert {s for s, *_ in feats.requests} == {"train", "val"}  # the test split was never asked for
+    assert ("train", 10, (0.5, 1.0)) in feats.requests  # the keys: 10 augmented passes, crops of 50-100%
     s = m.settings()
     assert s["search_scale"] == [12.0, 60.0] and (s["init_alpha"], s["init_beta"]) == (3.0, 1.0)  # caltech101
     keys, labels = feats.train
@@ -178,7 +178,7 @@ def test_no_validation_split_is_an_error_unless_the_search_is_off(tiny):
     m.set_classnames(NAMES, dataset="imagenet")
     m.prepare(Splits(NAMES, n_val=0, name="imagenet"), feats)
     assert (float(m.alpha), float(m.beta)) == (2.0, 1.0) and m.evaluation_info()["search"] == "off"
-    assert ("val", 0) not in feats.requests
+    assert ("val", 0, None) not in feats.requests
 
 
 def test_tip_f_trains_the_keys_only(tiny, vit_b16):

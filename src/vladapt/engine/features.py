@@ -68,15 +68,20 @@ class FrozenFeatures:
         return self.cache.get(parts, compute)
 
     # ------------------------------------------------------------------ FeatureSource
-    def image_features(self, split: str = "train", augment_passes: int = 0, normalize: bool = True
-                       ) -> tuple[Tensor, Tensor]:
+    def image_features(self, split: str = "train", augment_passes: int = 0, normalize: bool = True,
+                       crop_scale: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+        from vladapt.backbones import train_transform
+
         items = list(getattr(self.splits, split))
         labels = torch.tensor([d.label for d in items], dtype=torch.long)
         root = self.splits.image_root
         if augment_passes == 0:
             feats = self.encode(items, root, self.backbone.test_transform, f"features {split}")
         else:
-            feats = sum(self.encode(items, root, self.backbone.train_transform,
+            bb = self.backbone
+            transform = (bb.train_transform if crop_scale is None
+                         else train_transform(bb.image_size, bb.mean, bb.std, scale=tuple(crop_scale)))
+            feats = sum(self.encode(items, root, transform,
                                     f"features {split} pass {p + 1}/{augment_passes}", (self.seed, p))
                         for p in range(augment_passes)) / augment_passes
         return (F.normalize(feats, dim=-1) if normalize else feats), labels

@@ -72,11 +72,12 @@ class StepOutput:
 class FeatureSource(Protocol):
     """Frozen-backbone image features of a split, given to :meth:`Method.prepare`."""
 
-    def image_features(self, split: str = "train", augment_passes: int = 0, normalize: bool = True
-                       ) -> tuple[Tensor, Tensor]:
+    def image_features(self, split: str = "train", augment_passes: int = 0, normalize: bool = True,
+                       crop_scale: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
         """``(features [N, E] L2-normalized fp32, labels [N])``; ``augment_passes > 0`` averages the
-        features of that many seeded training augmentations of each image (Tip-Adapter's cache);
-        ``normalize=False``: the image encoder's raw outputs (averaged over the passes)."""
+        features of that many seeded training augmentations of each image (Tip-Adapter's cache), with
+        random crops over ``crop_scale`` of the image area (default: the backbone's training transform,
+        8-100%); ``normalize=False``: the image encoder's raw outputs (averaged over the passes)."""
         ...
 
 

@@ -4,8 +4,9 @@ What it computes, for an image feature ``f`` (frozen CLIP image encoder, L2-norm
 
 * **cache** (built once in :meth:`TipAdapter.prepare`): keys ``K [N*K, E]`` = the frozen features of
   the N*K few-shot training images, each the mean over ``augment_epoch`` (10) seeded training
-  augmentations of the image, then L2-normalized (``FeatureSource.image_features("train",
-  augment_passes=10)``); values ``V [N*K, C]`` = their one-hot labels;
+  augmentations of the image (the reference's: random crops over ``cache_crop_scale`` = 50-100% of the
+  area, bicubic, flip), then L2-normalized (``FeatureSource.image_features("train",
+  augment_passes=10, crop_scale=(0.5, 1.0))``); values ``V [N*K, C]`` = their one-hot labels;
 * **logits** = ``100 * f W^T + alpha * exp(-(beta - beta * f K^T)) V``: ``W [C, E]`` the frozen text
   classifier (the mean of the L2-normalized text features over the templates, normalized again), 100
   a literal (the reference writes ``100.``, not CLIP's learned scale; ``logit_scale: null`` uses the
@@ -39,9 +40,6 @@ Differences from the reference code (gaopengcuhk/Tip-Adapter, ``main.py`` / ``ma
   post-training search. It is cheap next to an epoch of image encoding.
 * Computation in float32 (the reference runs fp16 weights and features); the reference's AdamW
   updates fp16 keys, vladapt's engine keeps fp32 master weights under autocast.
-* The cache augmentation is the backbone's training transform (RandomResizedCrop over 8-100% of the
-  area, bicubic, flip); the reference crops 50-100% (``train.crop_scale: [0.5, 1.0]`` gives
-  Tip-Adapter-F's training batches that range, the cache keys' passes keep the backbone's).
 * The class vote uses the one-hot values of the classes the method was prepared on; asked to
   classify classes outside its cache (base-to-new's new classes, other datasets) it raises a
   :class:`~vladapt.errors.ConfigError`: Tip-Adapter cannot classify unseen classes. A subset or
@@ -165,6 +163,9 @@ class TipAdapterConfig:
     logit_scale: float | None = field(default=100.0, metadata={
         "min": 0.0, "help": "scale of the CLIP logits (the reference's literal 100); null = the backbone's"})
     augment_epoch: int = field(default=10, metadata={"min": 1, "help": "augmented passes averaged into each cache key"})
+    cache_crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={
+        "help": "area range of the random crops of the cache keys' augmented passes (the reference's "
+                "RandomResizedCrop scale (0.5, 1))"})
     init_beta: float | None = field(default=None, metadata={
         "min": 0.0, "help": "beta before the search and in Tip-Adapter-F's training; null = the reference's for the dataset"})
     init_alpha: float | None = field(default=None, metadata={
@@ -178,6 +179,9 @@ class TipAdapterConfig:
 
     def validate(self) -> None:
         tip_templates(self.templates, self.dataset)
+        if len(self.cache_crop_scale) != 2 or not 0.0 < self.cache_crop_scale[0] <= self.cache_crop_scale[1] <= 1.0:
+            raise ConfigError(f"method.cache_crop_scale must be two area fractions 0 < low <= high <= 1, "
+                              f"got {self.cache_crop_scale}")
         if self.search_scale is not None and (len(self.search_scale) != 2 or min(self.search_scale) <= 0):
             raise ConfigError(f"method.search_scale must be two positive numbers [beta, alpha], got {self.search_scale}")
         if self.search_step is not None and (len(self.search_step) != 2 or min(self.search_step) < 1):
@@ -286,7 +290,8 @@ class TipAdapter(Method):
         val_items = getattr(train, "val", None)
         if cfg.search and val_items is not None and len(val_items) == 0:
             raise ConfigError(self._no_val_message(train))
-        keys, labels = features.image_features("train", augment_passes=cfg.augment_epoch)
+        keys, labels = features.image_features("train", augment_passes=cfg.augment_epoch,
+                                               crop_scale=tuple(cfg.cache_crop_scale))
         if len(keys) == 0:
             raise ConfigError("Tip-Adapter needs few-shot training images for its cache; the train split is empty")
         self.cache_classnames = names
