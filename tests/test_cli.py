@@ -87,3 +87,28 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     rc = main(["zeroshot", "--folder", str(tmp_path / "imgs"), "--pretrained", str(tmp_path / "w.pt")])
     err = capsys.readouterr().err
     assert rc == 2 and "w.pt" in err and "does not exist" in err
+
+
+def test_overrides_may_follow_list_options_and_shots_must_be_positive(tmp_path, capsys):
+    from vladapt.cli import _overrides_last
+
+    parser = build_parser()
+    argv = ["train", "--method", "heba", "--protocol", "base2new", "--dataset", "dtd", "--root", str(tmp_path),
+            "--shots", "1", "2", "train.epochs=1", "--seeds", "1", "2", "method.scale=1e-3", "--out", "a.b=c"]
+    args = parser.parse_args(_overrides_last(parser, argv))
+    assert args.shots == [1, 2] and args.seeds == [1, 2] and args.out == Path("a.b=c")
+    assert args.overrides == ["train.epochs=1", "method.scale=1e-3"]
+    args = parser.parse_args(_overrides_last(parser, ["demo", "--seeds", "1", "2", "train.epochs=1", "--quiet"]))
+    assert args.seeds == [1, 2] and args.overrides == ["train.epochs=1"] and args.quiet
+    # through main: an override after --shots reaches the config check (which names it), before any work
+    rc = main(argv[:-2] + ["method.no_such_key=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no_such_key" in err and "invalid int value" not in err
+    for shots in ("0", "-3"):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--method", "heba", "--protocol", "fewshot", "--dataset", "dtd", "--root", str(tmp_path),
+                  "--shots", shots])
+        assert e.value.code == 2 and f"must be at least 1 image per class, got {shots}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--shots", "0"])
+    assert "must be at least 1" in capsys.readouterr().err

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vladapt.config import from_mapping, load_config, to_dict
 from vladapt.engine.runconfig import resolve_run_config
@@ -95,3 +99,48 @@ def test_extends_errors_name_the_files(tmp_path):
         resolve_run_config("heba", "base2new", path=child)
     with pytest.raises(ConfigError, match=r"unknown section 'extends' in overrides"):
         resolve_run_config("heba", "base2new", overrides=["extends=base2new.yaml"])
+
+
+# ------------------------------------------------------------------------ values users write on the command line
+def test_scientific_notation_is_a_number_in_overrides_and_files(tmp_path):
+    method, train = resolve_run_config("heba", "base2new", overrides=["train.lr=1e-3", "train.weight_decay=5E-4",
+                                                                      "train.epochs=1e1", "method.scale=+2.5e-2"])
+    assert train.lr == 0.001 and train.weight_decay == 0.0005 and train.epochs == 10 and method["scale"] == 0.025
+    assert isinstance(train.epochs, int)
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1e6\n")
+    assert resolve_run_config("heba", "base2new", path)[1].lr == 1e6
+    for bad, message in (("train.epochs=2.5", "train.epochs: expected an integer, got 2.5"),
+                         ("train.lr=.inf", "train.lr: expected a finite number"),
+                         ("train.lr=1e", "train.lr: expected a number, got '1e'")):
+        with pytest.raises(ConfigError, match=message):
+            resolve_run_config("heba", "base2new", overrides=[bad])
+
+
+_keys = st.one_of(st.sampled_from([f.name for f in dataclasses.fields(TrainConfig)] +
+                                  [f.name for f in dataclasses.fields(HeBAConfig)]),
+                  st.text(max_size=8), st.integers(), st.none())
+_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                   max_size=3), max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(st.dictionaries(_keys, _values, max_size=4), _values))
+def test_any_mapping_is_a_config_or_a_config_error_naming_the_key(data):
+    for cls, where in ((TrainConfig, "train."), (HeBAConfig, "method.")):
+        try:
+            from_mapping(cls, data, where)
+        except ConfigError as e:
+            msg = str(e)
+            if isinstance(data, dict) and data:
+                assert any(f"{where}{k}" in msg or repr(k) in msg for k in data), msg
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.lists(st.text(max_size=12), max_size=4))
+def test_any_override_text_parses_or_is_a_config_error(tokens):
+    try:
+        resolve_run_config("heba", "base2new", overrides=tokens)
+    except ConfigError:
+        pass

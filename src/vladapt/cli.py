@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,17 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
                    help="storage precision of the frozen backbone (default: %(default)s)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (shots per class; 0 or a negative number never means "all")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 image per class, got {value}")
+    return value
+
+
 def _add_protocol_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--protocol", required=required, choices=["base2new", "cross_dataset", "dg", "fewshot"])
     p.add_argument("--dataset", required=required,
@@ -35,7 +47,7 @@ def _add_protocol_args(p: argparse.ArgumentParser, required: bool) -> None:
                         "csv / json for custom data")
     p.add_argument("--root", type=Path, required=True,
                    help="data root holding the dataset folders (custom data: the folder or list file)")
-    p.add_argument("--shots", type=int, nargs="+", default=None, help="shots per class (default: 16)")
+    p.add_argument("--shots", type=_positive_int, nargs="+", default=None, help="shots per class (default: 16)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (default: 1; the field uses 1 2 3)")
     p.add_argument("--targets", nargs="+", default=None, help="override the target datasets of cross_dataset / dg")
     _add_backbone_args(p)
@@ -120,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "that classifies unseen classes)")
     demo.add_argument("--datasets", nargs="+", default=None, help="synthetic datasets (default: all)")
     demo.add_argument("--seeds", type=int, nargs="+", default=[1], help="run seeds (default: 1)")
-    demo.add_argument("--shots", type=int, default=16, help="shots per class (default: %(default)s)")
+    demo.add_argument("--shots", type=_positive_int, default=16, help="shots per class (default: %(default)s)")
     demo.add_argument("--model", default="vladapt-tiny", help="backbone (default: the bundled %(default)s)")
     demo.add_argument("--per-class", type=int, nargs=3, default=[40, 10, 30], metavar=("TRAIN", "VAL", "TEST"),
                       help="images per class written for each split (default: 40 10 30)")
@@ -375,9 +387,36 @@ def cmd_synth_folder(args: argparse.Namespace) -> int:
     return 0
 
 
+# A config override: section.key[.key...]=value (train.lr=1e-3, method.layers=[9,12]).
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(?:\.[\w-]+)+=")
+
+
+def _overrides_last(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Move the ``key=value`` overrides of a command that takes them behind ``--``, wherever they were
+    written: ``--shots 1 2 train.epochs=1 --seeds 3`` would otherwise hand ``train.epochs=1`` to
+    ``--shots`` (an integer list). A token that is the value of an option taking one value
+    (``--out a.b=c``) stays where it is."""
+    if not argv or "--" in argv:
+        return argv
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = sub.choices.get(argv[0]) if sub is not None else None
+    if command is None or not any(a.dest == "overrides" for a in command._actions):
+        return argv
+    single = {o for a in command._actions for o in a.option_strings if a.nargs is None and a.const is None
+              and not isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))}
+    keep, moved = [], []
+    for i, token in enumerate(argv):
+        if i > 0 and _OVERRIDE.match(token) and argv[i - 1] not in single:
+            moved.append(token)
+        else:
+            keep.append(token)
+    return keep + ["--"] + moved if moved else keep
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_overrides_last(parser, argv))
     if args.command is None:
         parser.print_help()
         return 0

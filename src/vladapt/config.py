@@ -11,6 +11,8 @@ A YAML config file may start from another with ``extends: parent.yaml`` (see :fu
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +23,23 @@ import yaml
 from vladapt.errors import ConfigError
 
 C = TypeVar("C")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader that also reads ``1e-3`` and ``1E6`` as numbers (YAML 1.1, PyYAML's version,
+    wants a dot in a float: ``1.0e-3``; YAML 1.2 and every user do not)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text safely, with scientific notation read as numbers (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _type_name(tp: Any) -> str:
@@ -62,9 +81,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():  # 1e3, 100.0
+            return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
@@ -83,6 +106,9 @@ def from_mapping(cls: type[C], data: Mapping[str, Any] | None, where: str = "") 
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys to values, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name in data:
+        if not isinstance(name, str):
+            raise ConfigError(f"config key {where}{name!r} is not a name; keys are words such as {sorted(fields)[0]!r}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
@@ -124,7 +150,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse the value ({e})") from e
         node = out
@@ -149,7 +175,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
