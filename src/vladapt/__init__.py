@@ -21,6 +21,7 @@ _LAZY = {
     "load_clip": "vladapt.backbones",
     "load_dataset": "vladapt.data",
     "run_grid": "vladapt.bench.grid",
+    "Predictor": "vladapt.predict",
     "RunSettings": "vladapt.protocols.runner",
 }
 

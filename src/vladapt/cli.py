@@ -115,6 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="config overrides, e.g. train.lr=0.01 method.scale=0.05")
     tr.set_defaults(func=cmd_train)
 
+    pr = sub.add_parser("predict", help="classify image files with a trained run's checkpoint (or zero-shot CLIP): "
+                                        "top-k classes with probabilities")
+    pr.add_argument("images", nargs="+", metavar="IMAGE",
+                    help="image files, folders (searched recursively) or CSV lists (a path column)")
+    source = pr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="run directory of `vladapt train` (method, config, class names "
+                                                        "and backbone come from its checkpoint)")
+    source.add_argument("--zeroshot", action="store_true", help="zero-shot CLIP over --classes (no checkpoint)")
+    pr.add_argument("--classes", default=None,
+                    help="comma-separated class names to predict over (default: the checkpoint's classes; "
+                         "methods that classify unseen classes take any names)")
+    pr.add_argument("--classes-file", type=Path, default=None, help="class names, one per line")
+    pr.add_argument("--model", default=None, help="backbone (default: the checkpoint's; with --zeroshot vladapt-tiny)")
+    pr.add_argument("--pretrained", default=None, help="backbone weights: open_clip tag or local file "
+                                                      "(default: the checkpoint's)")
+    pr.add_argument("--top-k", type=_positive_int, default=5, help="classes listed per image (default: %(default)s)")
+    pr.add_argument("--output", type=Path, default=None, help="also write the predictions to a .csv or .json file")
+    pr.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+                    help="an unreadable image stops the run (error, the default) or is skipped and reported (skip)")
+    pr.add_argument("--max-pixels", type=_positive_int, default=None,
+                    help="refuse larger images (decompression-bomb guard; default: about 89 megapixels)")
+    pr.add_argument("--batch-size", type=_positive_int, default=32)
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar and no per-image lines")
+    pr.set_defaults(func=cmd_predict)
+
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     check = data_sub.add_parser("check", help="report every problem of a dataset layout at once, with counts per split")
@@ -339,6 +365,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args, backbone, args.method, method_config)
     _run_grid(args, settings, args.protocol, args.dataset, args.shots or [16], args.seeds or [1],
               train_config=train_config, resume=args.resume)
+    return 0
+
+
+def _class_list(args: argparse.Namespace) -> list[str] | None:
+    from vladapt.errors import ConfigError
+
+    if args.classes is not None and args.classes_file is not None:
+        raise ConfigError("give --classes or --classes-file, not both")
+    if args.classes_file is not None:
+        if not args.classes_file.is_file():
+            raise ConfigError(f"--classes-file {args.classes_file} does not exist")
+        names = [line.strip() for line in args.classes_file.read_text(encoding="utf-8").splitlines()]
+        names = [n for n in names if n]
+        if not names:
+            raise ConfigError(f"--classes-file {args.classes_file} holds no class names")
+        return names
+    if args.classes is not None:
+        names = [n.strip() for n in args.classes.split(",") if n.strip()]
+        if not names:
+            raise ConfigError("--classes: give comma-separated class names, e.g. --classes cat,dog")
+        return names
+    return None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vladapt.predict import DEFAULT_MAX_PIXELS, Predictor
+
+    classes = _class_list(args)
+    if args.output is not None and args.output.suffix.lower() not in (".csv", ".json"):
+        from vladapt.errors import ConfigError
+
+        raise ConfigError(f"--output {args.output}: give a .csv or .json file name")
+    common = {"device": args.device, "batch_size": args.batch_size, "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS}
+    if args.zeroshot:
+        if not classes:
+            from vladapt.errors import ConfigError
+
+            raise ConfigError("--zeroshot needs class names: --classes cat,dog or --classes-file FILE")
+        predictor = Predictor.zero_shot(classes, args.model or DEFAULT_MODEL, args.pretrained, **common)
+    else:
+        predictor = Predictor.from_checkpoint(args.checkpoint, classes, model=args.model, pretrained=args.pretrained,
+                                              **common)
+    result = predictor.predict(args.images, top_k=args.top_k, on_bad_image=args.on_bad_image,
+                               progress=not args.quiet)
+    if not args.quiet:
+        for p in result.predictions:
+            print(f"{p['image']}: " + ", ".join(f"{c} {q:.3f}" for c, q in p["top"]))
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unreadable image(s):", file=sys.stderr)
+        for s in result.skipped:
+            print(f"  {s['error']}", file=sys.stderr)
+    if args.output is not None:
+        path = result.write(args.output)
+        if not args.quiet:
+            print(f"{len(result.predictions)} predictions written to {path}")
     return 0
 
 
