@@ -3,9 +3,9 @@ reference's numbers.
 
 The fixtures in ``tests/fixtures/parity/`` were recorded by ``benchmarks/parity_heba.py``,
 ``benchmarks/parity_mma.py``, ``benchmarks/parity_lweib.py`` and ``benchmarks/parity_coop.py``, which
-run the authors' code from a checkout (see their docstrings for what is stubbed and why). Given the same frozen backbone (the tiny test CLIP rounded to fp16; checked
-by fingerprint), the same adapter weights (mapped from the reference's parameter names to vladapt's)
-and the same inputs, vladapt must reproduce the reference's token ids exactly, and its logits,
+run the authors' code from a checkout (see their docstrings for what is stubbed and why). Given the
+same frozen backbone (the tiny test CLIP rounded to fp16; checked by fingerprint), the same adapter
+weights or learned context (mapped from the reference's parameter names to vladapt's) and the same inputs, vladapt must reproduce the reference's token ids exactly, and its logits,
 losses and every adapter gradient to fp32 rounding:
 
     |vladapt - reference| <= ATOL * max|reference| + RTOL * |reference|      (per tensor)
