@@ -94,8 +94,7 @@ def fp16_backbone(meta: dict, tiny_fp16):
         got = pc.fingerprint(bb.model.state_dict())
     assert got == meta["backbone"]["fingerprint"], (
         f"the tiny backbone changed (fingerprint {got[:16]} != fixture's {meta['backbone']['fingerprint'][:16]}): "
-        "the parity fixtures were recorded on other weights; regenerate them with benchmarks/parity_heba.py and "
-        "benchmarks/parity_mma.py"
+        "the parity fixtures were recorded on other weights; regenerate them with benchmarks/parity_*.py"
     )
     return bb
 
