@@ -5,8 +5,9 @@ The fixtures in ``tests/fixtures/parity/`` were recorded by ``benchmarks/parity_
 ``benchmarks/parity_mma.py``, ``benchmarks/parity_lweib.py`` and ``benchmarks/parity_coop.py``, which
 run the authors' code from a checkout (see their docstrings for what is stubbed and why). Given the
 same frozen backbone (the tiny test CLIP rounded to fp16; checked by fingerprint), the same adapter
-weights or learned context (mapped from the reference's parameter names to vladapt's) and the same inputs, vladapt must reproduce the reference's token ids exactly, and its logits,
-losses and every adapter gradient to fp32 rounding:
+weights or learned context (mapped from the reference's parameter names to vladapt's) and the same
+inputs, vladapt must reproduce the reference's token ids exactly, and its logits, losses and every
+adapter gradient to fp32 rounding:
 
     |vladapt - reference| <= ATOL * max|reference| + RTOL * |reference|      (per tensor)
 
@@ -479,7 +480,8 @@ def build_coop(coop_fixture, record: str, load: bool = True):
     if not load:
         return method, {}
     weights = {"ctx": tensors[f"{record}/ctx"]}
-    weights.update({k.removeprefix(f"{record}/meta/"): v for k, v in tensors.items() if k.startswith(f"{record}/meta/")})
+    meta_prefix = f"{record}/meta/"
+    weights.update({k.removeprefix(meta_prefix): v for k, v in tensors.items() if k.startswith(meta_prefix)})
     load_mapped(method, weights, lambda ref_name: ref_name)  # same names; must cover every trainable parameter
     return method, weights
 
@@ -544,7 +546,8 @@ def test_cocoop_training_step_equals_reference(coop_fixture):
     out = method.training_step(images, labels, step_info(labels))
     out.loss.backward()
     close("cocoop/train/loss", out.loss.reshape(1), tensors["cocoop/train/loss"])
-    close("cocoop/train/logits", out.logits, tensors["cocoop/eval/logits"])  # the reference's train pass returns only the loss
+    # the reference's training pass returns only the loss; its logits are those of the eval pass
+    close("cocoop/train/logits", out.logits, tensors["cocoop/eval/logits"])
     params = dict(method.named_parameters())
     for name in weights:
         assert params[name].grad is not None, f"no gradient reached {name}"
