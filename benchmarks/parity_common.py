@@ -1,5 +1,5 @@
-"""Shared pieces of the parity benchmarks (``parity_heba.py``, ``parity_mma.py``) and of
-``tests/methods/test_parity.py``.
+"""Shared pieces of the parity benchmarks (``parity_heba.py``, ``parity_mma.py``, ``parity_lweib.py``,
+``parity_coop.py``) and of ``tests/methods/test_parity.py``.
 
 The parity fixtures pin what the authors' released code computes on a tiny CLIP, so that vladapt's
 re-implementation can be checked against it in the test suite without the authors' code:

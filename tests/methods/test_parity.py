@@ -1,11 +1,13 @@
-"""Parity with the authors' released code: vladapt's HeBA (and MMA) compute the reference's numbers.
+"""Parity with the authors' released code: vladapt's HeBA, MMA, LwEIB, CoOp and CoCoOp compute the
+reference's numbers.
 
-The fixtures in ``tests/fixtures/parity/`` were recorded by ``benchmarks/parity_heba.py`` and
-``benchmarks/parity_mma.py``, which run the authors' code from a checkout (see their docstrings for
-what is stubbed and why). Given the same frozen backbone (the tiny test CLIP rounded to fp16; checked
-by fingerprint), the same adapter weights (mapped from the reference's parameter names to vladapt's)
-and the same inputs, vladapt must reproduce the reference's token ids exactly, and its logits,
-losses and every adapter gradient to fp32 rounding:
+The fixtures in ``tests/fixtures/parity/`` were recorded by ``benchmarks/parity_heba.py``,
+``benchmarks/parity_mma.py``, ``benchmarks/parity_lweib.py`` and ``benchmarks/parity_coop.py``, which
+run the authors' code from a checkout (see their docstrings for what is stubbed and why). Given the
+same frozen backbone (the tiny test CLIP rounded to fp16; checked by fingerprint), the same adapter
+weights or learned context (mapped from the reference's parameter names to vladapt's) and the same
+inputs, vladapt must reproduce the reference's token ids exactly, and its logits, losses and every
+adapter gradient to fp32 rounding:
 
     |vladapt - reference| <= ATOL * max|reference| + RTOL * |reference|      (per tensor)
 
@@ -93,8 +95,7 @@ def fp16_backbone(meta: dict, tiny_fp16):
         got = pc.fingerprint(bb.model.state_dict())
     assert got == meta["backbone"]["fingerprint"], (
         f"the tiny backbone changed (fingerprint {got[:16]} != fixture's {meta['backbone']['fingerprint'][:16]}): "
-        "the parity fixtures were recorded on other weights; regenerate them with benchmarks/parity_heba.py and "
-        "benchmarks/parity_mma.py"
+        "the parity fixtures were recorded on other weights; regenerate them with benchmarks/parity_*.py"
     )
     return bb
 
@@ -445,3 +446,109 @@ def test_lweib_training_step_with_negative_sampling_equals_reference(lweib_fixtu
         close(f"lweib train_neg/grad/{ref}#sumsq", (g ** 2).sum().reshape(1), sumsq)
         close(f"lweib train_neg/grad/{ref}#sum", g.sum().reshape(1), tensors[f"train_neg/grad/{ref}#sum"],
               scale=float((g.numel() * sumsq.double()).sqrt()))
+
+
+# ------------------------------------------------------------------------------------ CoOp, CoCoOp
+# benchmarks/parity_coop.py ran KaiyangZhou/CoOp's trainers/coop.py and trainers/cocoop.py (fp32).
+# Their prompt learners' trainable parameters are named as vladapt's: ``ctx``, ``meta_net.linear{1,2}.*``.
+COOP_RECORDS = ["coop", "coop_middle", "coop_front", "coop_n16", "coop_csc", "coop_csc_middle3"]
+
+
+@pytest.fixture(scope="module")
+def coop_fixture(tiny_fp16):
+    tensors, meta = load_fixture("coop_tiny")
+    return tensors, meta, fp16_backbone(meta, tiny_fp16)
+
+
+def coop_settings(meta: dict, record: str) -> dict:
+    """The reference's TRAINER.COOP / TRAINER.COCOOP settings of a record."""
+    if record == "cocoop":
+        return {"CLASS_TOKEN_POSITION": "end", "CSC": False, **meta["config_cocoop"]["TRAINER"]["COCOOP"]}
+    if record == "coop":
+        return meta["config_coop"]["TRAINER"]["COOP"]
+    return meta["coop_variants"][record.removeprefix("coop_")]
+
+
+def build_coop(coop_fixture, record: str, load: bool = True):
+    """vladapt's CoOp / CoCoOp with the record's settings (everything else: vladapt's defaults), with the
+    record's context (and meta-net weights) loaded unless ``load`` is False."""
+    tensors, meta, bb = coop_fixture
+    ref = coop_settings(meta, record)
+    cfg = {"n_ctx": ref["N_CTX"], "ctx_init": ref["CTX_INIT"], "class_token_position": ref["CLASS_TOKEN_POSITION"],
+           "csc": ref["CSC"]}
+    method = create_method("cocoop" if record == "cocoop" else "coop", bb, meta["classnames"], cfg)
+    if not load:
+        return method, {}
+    weights = {"ctx": tensors[f"{record}/ctx"]}
+    meta_prefix = f"{record}/meta/"
+    weights.update({k.removeprefix(meta_prefix): v for k, v in tensors.items() if k.startswith(meta_prefix)})
+    load_mapped(method, weights, lambda ref_name: ref_name)  # same names; must cover every trainable parameter
+    return method, weights
+
+
+@pytest.mark.parametrize("record", COOP_RECORDS + ["cocoop"])
+def test_coop_tokens_equal_reference(coop_fixture, record):
+    """The reference tokenizes "<ctx words or X..X> {name}." and swaps the n context positions for the
+    learned vectors; vladapt tokenizes "{name}." and inserts them after SOT: the same ids elsewhere."""
+    tensors, meta, bb = coop_fixture
+    method, _ = build_coop(coop_fixture, record, load=False)
+    tokens, lengths = method.prompt_tokens()
+    ref = tensors[f"{record}/tokens"].to(torch.int64)
+    n = method.ctx.shape[-2]
+    assert torch.equal(torch.cat([ref[:, :1], ref[:, 1 + n:]], dim=1), tokens[:, :ref.shape[1] - n].to(torch.int64))
+    assert not tokens[:, ref.shape[1] - n:].any()
+    assert torch.equal(lengths.to(torch.int64), tensors["coop/name_lens"].to(torch.int64))
+
+
+@pytest.mark.parametrize("record", ["coop", "cocoop"])
+def test_coop_initial_context_equals_reference(coop_fixture, record):
+    """CTX_INIT "a photo of a": the context starts as the words' token embeddings, bit for bit."""
+    tensors, meta, bb = coop_fixture
+    method, _ = build_coop(coop_fixture, record, load=False)
+    assert torch.equal(method.ctx.detach(), tensors[f"{record}/init_ctx"])
+
+
+@pytest.mark.parametrize("record", COOP_RECORDS)
+def test_coop_training_step_equals_reference(coop_fixture, record):
+    """Logits, cross-entropy loss and the context's gradient of one step; eval logits equal the step's."""
+    tensors, meta, bb = coop_fixture
+    images, labels = tensors["inputs/images"].float(), tensors["inputs/labels"]
+    method, _ = build_coop(coop_fixture, record)
+    assert method.ctx.shape == tensors[f"{record}/grad/ctx"].shape
+    method.train()
+    out = method.training_step(images, labels, step_info(labels))
+    out.loss.backward()
+    close(f"{record}/logits", out.logits, tensors[f"{record}/logits"])
+    close(f"{record}/loss", out.loss.reshape(1), tensors[f"{record}/loss"])
+    close(f"{record}/grad/ctx", method.ctx.grad, tensors[f"{record}/grad/ctx"])
+    method.eval()
+    with torch.no_grad():
+        close(f"{record}/logits (eval)", method(images), tensors[f"{record}/logits"])
+
+
+def test_cocoop_eval_logits_equal_reference(coop_fixture):
+    tensors, meta, bb = coop_fixture
+    method, _ = build_coop(coop_fixture, "cocoop")
+    method.eval()
+    with torch.no_grad():
+        close("cocoop/eval/logits", method(tensors["inputs/images"].float()), tensors["cocoop/eval/logits"])
+
+
+def test_cocoop_training_step_equals_reference(coop_fixture):
+    """The mean cross-entropy over the batch and the gradients of the context and of every meta-net
+    tensor (the reference loops over the images; vladapt encodes the batch's prompts at once)."""
+    tensors, meta, bb = coop_fixture
+    images, labels = tensors["inputs/images"].float(), tensors["inputs/labels"]
+    method, weights = build_coop(coop_fixture, "cocoop")
+    assert set(weights) == {"ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
+                            "meta_net.linear2.bias"}
+    method.train()
+    out = method.training_step(images, labels, step_info(labels))
+    out.loss.backward()
+    close("cocoop/train/loss", out.loss.reshape(1), tensors["cocoop/train/loss"])
+    # the reference's training pass returns only the loss; its logits are those of the eval pass
+    close("cocoop/train/logits", out.logits, tensors["cocoop/eval/logits"])
+    params = dict(method.named_parameters())
+    for name in weights:
+        assert params[name].grad is not None, f"no gradient reached {name}"
+        close(f"cocoop/train/grad/{name}", params[name].grad, tensors[f"cocoop/train/grad/{name}"])
