@@ -112,3 +112,14 @@ def test_overrides_may_follow_list_options_and_shots_must_be_positive(tmp_path, 
     with pytest.raises(SystemExit):
         main(["demo", "--shots", "0"])
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_readme_python_api_snippet_runs_as_written(capsys):
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"## Python API\s*```python\n(.+?)\n```", text, re.S)
+    assert m, "README.md lacks the Python API block"
+    scope: dict = {}
+    exec(compile(m.group(1), "README.md (Python API)", "exec"), scope)
+    assert scope["logits"].shape == (2, 2) and scope["features"].shape[0] == 2
+    assert scope["bb"].model.attached_modules() == {}
+    assert len(scope["result"].predictions[0]["top"]) == 2
