@@ -84,8 +84,14 @@ def test_base2new_config_is_the_default_and_all_packaged_configs_validate():
 
 
 def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key method\.'adapter_scale'.*allowed keys"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'method\.adapter_scale' given on the command line; "
+                                          r"allowed method keys: \[.*'scale'"):
         resolve_run_config("heba", "base2new", overrides=["method.adapter_scale=0.05"])
+    bad = tmp_path / "run.yaml"
+    bad.write_text("extends: " + str(packaged_config("heba", "base2new")) + "\ntrain:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=f"unknown config key .train.learning_rate. in config file {bad} "
+                                          r"\(or a file it extends\); allowed train keys: \[.*'lr'"):
+        resolve_run_config("heba", "base2new", bad)
     with pytest.raises(ConfigError, match=r"train\.optimizer: 'adam' is not allowed; choose one of \['sgd', 'adamw'\]"):
         resolve_run_config("heba", "base2new", overrides=["train.optimizer=adam"])
     with pytest.raises(ConfigError, match=r"method\.slow_fast_ratio: 1\.5 is above the maximum 1\.0"):

@@ -112,7 +112,7 @@ def from_mapping(cls: type[C], data: Mapping[str, Any] | None, where: str = "") 
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown config key {where}{unknown[0]!r}" + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
+            f"unknown config key '{where}{unknown[0]}'" + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
             + f"; allowed keys: {sorted(fields)}"
         )
     hints = typing.get_type_hints(cls)

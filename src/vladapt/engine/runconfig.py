@@ -43,7 +43,23 @@ def resolve_run_config(method: str, protocol: str, path: str | Path | None = Non
     unknown = sorted(set(given) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r} in overrides; allowed sections: {list(SECTIONS)}")
+    classes = {"method": methods[method].cls.Config, "train": TrainConfig}
+    for section, cls in classes.items():  # say where a misspelt key was written before merging
+        _check_keys(given.get(section), cls, section, "given on the command line")
+        if source is not None:
+            _check_keys(data.get(section), cls, section, f"in config file {source} (or a file it extends)")
     data = deep_merge(data, given)
     method_cfg = from_mapping(methods[method].cls.Config, data.get("method") or {}, "method.")
     train_cfg = from_mapping(TrainConfig, data.get("train") or {}, "train.")
     return to_dict(method_cfg), train_cfg
+
+
+def _check_keys(values: Any, cls: type, section: str, where: str) -> None:
+    import dataclasses
+
+    if not isinstance(values, dict):
+        return  # from_mapping reports a section that is not a mapping
+    allowed = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    unknown = [k for k in values if k not in allowed]
+    if unknown:
+        raise ConfigError(f"unknown config key '{section}.{unknown[0]}' {where}; allowed {section} keys: {allowed}")
