@@ -102,7 +102,30 @@ def load_dataset(name: str, root: str | os.PathLike[str], **kwargs: object) -> D
         loader = _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}") from None
-    return loader(Path(root).expanduser(), **kwargs)
+    splits = loader(Path(root).expanduser(), **kwargs)
+    check_paths_inside(splits)
+    return splits
+
+
+def check_paths_inside(splits: DatasetSplits) -> None:
+    """Raise :class:`DataError` if an item path of ``splits`` is absolute or leaves its image root.
+
+    The readers already refuse such paths entry by entry; this backstop covers every registered
+    reader (including ones registered outside vladapt) at the cost of a few string tests per item.
+    """
+    bad = [
+        f"{split}[{index}]: path {datum.path!r} {reason}"
+        for split in SPLIT_NAMES
+        for index, datum in enumerate(splits.split(split))
+        if (".." in datum.path or datum.path[:1] in ("/", "\\") or datum.path[1:2] == ":")
+        and (reason := unsafe_path_reason(datum.path)) is not None
+    ]
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(
+            f"dataset {splits.name!r} (image root {splits.image_root}) lists {len(bad)} image path(s) "
+            f"outside its image root: {shown}; fix the split file or list these items came from"
+        )
 
 
 def classnames_from_items(items: Iterable[tuple[str, Datum]]) -> tuple[list[str], list[str]]:
@@ -174,6 +197,31 @@ def list_images(folder: Path, recursive: bool = False) -> list[str]:
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
         )
     return sorted(found)
+
+
+def unsafe_path_reason(path: str) -> str | None:
+    """Why ``path`` (from a split file or item list) may not name an image, or ``None`` if it may.
+
+    Image paths must be relative and stay inside the image root once ``..`` components are
+    resolved: an absolute path (``/etc/hostname``, ``C:/x``, ``//server/share``) or one that climbs
+    out (``../outside/evil.jpg``, ``a/../../b``) would make vladapt read files outside the dataset.
+    Backslashes count as separators, so Windows-style paths are judged the same way on every OS.
+    Purely lexical: symbolic links inside the root are followed, so a symlinked dataset folder works.
+    """
+    text = path.replace("\\", "/")
+    if "\0" in text:
+        return "contains a NUL character"
+    if text.startswith("/") or (len(text) >= 2 and text[1] == ":" and text[0].isalpha()):
+        return "is an absolute path; image paths must be relative to the image root"
+    depth = 0
+    for part in text.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "leaves the image root ('..'); image paths must stay inside it"
+        elif part not in ("", "."):
+            depth += 1
+    return None
 
 
 def require_dir(path: Path, what: str, hint: str) -> None:

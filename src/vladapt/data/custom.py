@@ -35,6 +35,7 @@ from vladapt.data.base import (
     list_images,
     register_dataset,
     require_dir,
+    unsafe_path_reason,
 )
 from vladapt.data.splitfile import DataProblems, read_split_file, write_split_file
 from vladapt.errors import ConfigError, DataError
@@ -203,6 +204,8 @@ def _from_list_file(
             problems.append(f"{where}: needs a non-empty 'path', got {path!r}")
         elif not isinstance(label, str) or not label.strip():
             problems.append(f"{where}: needs a non-empty 'label' (the class name), got {label!r}")
+        elif (unsafe := unsafe_path_reason(path.strip())) is not None:
+            problems.append(f"{where}: path {path.strip()!r} {unsafe}")
         else:
             rel = PurePath(path.strip()).as_posix()
             if rel in first_seen:

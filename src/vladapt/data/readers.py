@@ -17,6 +17,7 @@ from vladapt.data.base import (
     DatasetSplits,
     Datum,
     register_dataset,
+    unsafe_path_reason,
 )
 from vladapt.data.splitfile import DataProblems, read_split_file
 from vladapt.errors import DataError
@@ -118,6 +119,8 @@ def load_fgvc_aircraft(root: Path) -> DatasetSplits:
                 problems.append(
                     f"{list_path.name} line {lineno}: expected '<image id> <variant>', got {line!r}"
                 )
+            elif (unsafe := unsafe_path_reason(f"{image_id}.jpg")) is not None:
+                problems.append(f"{list_path.name} line {lineno}: image id {image_id!r} {unsafe}")
             elif variant not in label_of:
                 problems.append(f"{list_path.name} line {lineno}: variant {variant!r} is not in variants.txt")
             else:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from vladapt.data.base import SPLIT_NAMES, Datum, classnames_from_items
+from vladapt.data.base import SPLIT_NAMES, Datum, classnames_from_items, unsafe_path_reason
 from vladapt.errors import DataError
 from vladapt.io import atomic_write_text
 
@@ -39,7 +39,8 @@ def parse_entries(raw: object, where: str) -> tuple[list[Datum], list[str]]:
     """Turn a JSON list of ``[path, label, classname]`` triples into items.
 
     ``where`` names the list in messages (e.g. ``"train"``, giving ``"train[3]"``). Returns
-    ``(items, problems)``; malformed entries are skipped and reported.
+    ``(items, problems)``; malformed entries, and paths that are absolute or leave the image root
+    (see :func:`~vladapt.data.base.unsafe_path_reason`), are skipped and reported.
     """
     if not isinstance(raw, list):
         return [], [f"{where}: expected a list of [path, label, classname] entries, got {type(raw).__name__}"]
@@ -54,6 +55,8 @@ def parse_entries(raw: object, where: str) -> tuple[list[Datum], list[str]]:
         # bool is an int subclass; a true/false label is a typo, not class 0/1.
         if not isinstance(path, str) or not path:
             problems.append(f"{at}: path must be a non-empty string, got {path!r}")
+        elif (unsafe := unsafe_path_reason(path)) is not None:
+            problems.append(f"{at}: path {path!r} {unsafe}")
         elif not isinstance(label, int) or isinstance(label, bool) or label < 0:
             problems.append(f"{at}: label must be an integer >= 0, got {label!r}")
         elif not isinstance(classname, str) or not classname:
