@@ -134,7 +134,8 @@ def classnames_from_items(items: Iterable[tuple[str, Datum]]) -> tuple[list[str]
     ``where`` is a short location used in messages (e.g. ``"train[12]"``). Returns
     ``(classnames, problems)``: every label must carry exactly one name, every name exactly one label,
     and the labels must be 0..N-1 without gaps. An inconsistent label or name is reported once, with
-    its variants counted, rather than once per item. ``problems`` is empty when all holds.
+    its variants counted, rather than once per item. ``problems`` is empty when all holds; with gaps
+    in the labels ``classnames`` is empty (the largest label may be absurd, e.g. ``10**18``).
     """
     # label -> name -> [count, first location], and the reverse; dicts keep first-seen order.
     names: dict[int, dict[str, list]] = {}
@@ -153,15 +154,19 @@ def classnames_from_items(items: Iterable[tuple[str, Datum]]) -> tuple[list[str]
         if len(variants) > 1
     ]
     count = max(names, default=-1) + 1
-    gaps = [label for label in range(count) if label not in names]
-    if gaps:
+    if count > len(names):
+        # Never walk range(count): a corrupt file may hold a label like 10**18.
+        gaps = []
+        for label in range(count):
+            if label not in names:
+                gaps.append(label)
+                if len(gaps) > 10:
+                    break
         shown = ", ".join(map(str, gaps[:10])) + (" ..." if len(gaps) > 10 else "")
         problems.append(f"labels must be 0..{count - 1} without gaps; no item has label {shown}")
+        return [], problems
     # The most frequent name stands for a label (stable: ties go to the first seen).
-    classnames = [
-        max(names[label].items(), key=lambda kv: kv[1][0])[0] if label in names else ""
-        for label in range(count)
-    ]
+    classnames = [max(names[label].items(), key=lambda kv: kv[1][0])[0] for label in range(count)]
     return classnames, problems
 
 

@@ -158,7 +158,7 @@ def load_json(
     """A JSON item list, or a ready split file, at ``root``; see the module docstring."""
     try:
         raw = json.loads(root.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON or a huge int
         raise DataError(f"cannot read JSON file {root}: {err}") from err
     if isinstance(raw, dict):
         parts, classnames = read_split_file(root)

@@ -107,7 +107,7 @@ def _read_cache(
     hint = f"delete {path} to sample the subset again"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON or a huge int
         raise DataError(f"cannot read few-shot cache {path}: {err}; {hint}") from err
     if not isinstance(raw, dict):
         raise DataProblems(

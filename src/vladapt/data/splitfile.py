@@ -86,7 +86,7 @@ def read_split_file(
         raise DataError(f"split file {path} not found; {hint}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON or a huge int
         raise DataError(f"cannot read split file {path}: {err}; {hint}") from err
     if not isinstance(raw, dict):
         raise DataProblems(path, [f"expected a JSON object with keys {', '.join(SPLIT_NAMES)}"], hint)
