@@ -216,7 +216,9 @@ def unsafe_path_reason(path: str) -> str | None:
     text = path.replace("\\", "/")
     if "\0" in text:
         return "contains a NUL character"
-    if text.startswith("/") or (len(text) >= 2 and text[1] == ":" and text[0].isalpha()):
+    # "C:/x" and "C:" are Windows absolute paths; "a:b/x.jpg" is a folder named "a:b" except on Windows.
+    drive = text[1:2] == ":" and text[0].isalpha() and (text[2:3] in ("", "/") or os.name == "nt")
+    if text.startswith("/") or drive:
         return "is an absolute path; image paths must be relative to the image root"
     depth = 0
     for part in text.split("/"):
