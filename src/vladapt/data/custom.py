@@ -12,6 +12,9 @@ picks one from the path):
   with the same meaning (an integer label is used as its decimal string); or a ready split file in
   the ``split_zhou`` format (keys train/val/test), which is used as is.
 
+Listed paths must be relative and stay inside the image root (no absolute paths, no ``..`` that
+climbs out of it); other entries are reported, with their line or index, and nothing is read.
+
 Labels index the sorted class names. Without a split, a seeded per-class split (default 50/20/30
 train/val/test, at least one test image per class) is made and saved as a split file, by default
 ``DIR/split.json`` or ``<FILE stem>.split.json`` beside the list file, so that reruns reuse it. A saved

@@ -2,6 +2,7 @@
 
 Format: a JSON object whose keys ``"train"``, ``"val"`` and ``"test"`` each hold a list of
 ``[relative_image_path, label, classname]`` triples; labels are 0-based and each label has one name.
+An image path that is absolute or leaves the image root (``../x.jpg``) is refused as a bad entry.
 The same format is used for the splits vladapt makes for custom data and for few-shot caches.
 """
 
