@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--root", type=Path, required=True,
                        help="data root (benchmark datasets) or the image folder / list file (custom data)")
     check.add_argument("--no-images", action="store_true", help="skip opening every image (existence is still checked)")
+    check.add_argument("--fast", action="store_true",
+                       help="only read each image's header instead of decoding it (faster; misses truncated files)")
+    check.add_argument("--all", action="store_true", help="list every problem and bad file (default: the first 20 of each kind)")
+    check.add_argument("--output", type=Path, default=None, metavar="FILE",
+                       help="also write the full report, every bad file listed, to FILE")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(func=cmd_data_check)
 
@@ -426,8 +431,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from vladapt.data import check_dataset, format_report
 
-    report = check_dataset(args.dataset, args.root, verify_images=not args.no_images, quiet=args.quiet)
-    print(format_report(report))
+    from vladapt.io import atomic_write_text
+
+    report = check_dataset(args.dataset, args.root, verify_images=not args.no_images, decode=not args.fast,
+                           quiet=args.quiet)
+    print(format_report(report, max_listed=None if args.all else 20))
+    longest = max(len(report.problems), len(report.missing), len(report.unreadable))
+    if longest > 20 and not args.all and args.output is None:
+        print("  (lists show their first 20 entries: --all prints every one, --output FILE writes them all to FILE)")
+    if args.output is not None:
+        atomic_write_text(args.output, format_report(report, max_listed=None) + "\n")
+        print(f"full report written to {args.output}")
     return 0 if report.ok else 1
 
 

@@ -150,7 +150,10 @@ def test_image_dataset_names_missing_and_corrupt_files(tmp_path: Path) -> None:
     bad = splits.abspath(splits.train[1])
     bad.write_bytes(b"nope")
     dataset = ImageDataset(splits.train, expected.image_root)
-    with pytest.raises(DataError, match=rf"image {gone} not found"):
+    with pytest.raises(DataError, match=rf"image {gone} not found") as missing:
         dataset[0]
-    with pytest.raises(DataError, match=rf"cannot read image {bad}"):
+    with pytest.raises(DataError, match=rf"cannot read image {bad}") as unreadable:
         dataset[1]
+    # The hint names the CLI command first (most users meet this in `vladapt train/eval`), then the API.
+    for err in (missing, unreadable):
+        assert "`vladapt data check --dataset NAME --root ROOT` (Python: vladapt.data.check_dataset())" in str(err.value)

@@ -143,7 +143,7 @@ def test_cache_of_another_dataset_is_rejected(tmp_path: Path) -> None:
         fewshot_splits(other, 2, seed=1, cache_dir=tmp_path)
     message = str(err.value)
     assert str(tmp_path / "shot_2-seed_1.json") in message
-    assert "dataset is 'gen', expected 'other'" in message
+    assert "was drawn from other train/val data" in message  # the content decides, not the name
     assert "train[0]: 'c3/" in message and "is not in the dataset's train split" in message
     assert "delete" in message
 
@@ -180,3 +180,53 @@ def test_matches_dassl_reference_on_official_splits(filename: str, global_random
         ref_train, ref_val = dassl_reference(parts["train"], parts["val"], num_shots, seed)
         assert (got.train, got.val) == (ref_train, ref_val), (num_shots, seed)
         assert len(got.train) == num_shots * len(classnames)
+
+
+def test_cache_survives_renaming_a_custom_folder(tmp_path: Path) -> None:
+    from datafixtures import write_image
+
+    from vladapt.data import load_custom
+
+    folder = tmp_path / "pets"
+    for cls in ("cat", "dog"):
+        for i in range(6):
+            write_image(folder / cls / f"{i}.png", shade=i)
+    splits = load_custom(folder)
+    first = fewshot_splits(splits, 2, seed=3, cache_dir=splits.fewshot_cache_dir)
+    cache = folder / "split_fewshot" / "shot_2-seed_3.json"
+    raw = json.loads(cache.read_text())
+    raw["train"] = raw["train"][::-1]  # the cache, not a fresh draw, must decide after the move
+    cache.write_text(json.dumps(raw))
+    moved = tmp_path / "elsewhere" / "my-pets"
+    moved.parent.mkdir()
+    folder.rename(moved)
+    splits = load_custom(moved)
+    assert splits.name == "my-pets"
+    again = fewshot_splits(splits, 2, seed=3, cache_dir=splits.fewshot_cache_dir)
+    assert again.train == first.train[::-1] and again.val == first.val
+    assert str(folder) not in (moved / "split_fewshot" / "shot_2-seed_3.json").read_text()
+
+
+def test_cache_of_changed_data_is_rejected(tmp_path: Path) -> None:
+    splits = generated_splits(SIZES)
+    fewshot_splits(splits, 2, seed=1, cache_dir=tmp_path)
+    # One more training image: the cached draw is no longer the draw of this data.
+    grown = generated_splits(SIZES)
+    grown.train.append(Datum("c0/extra.jpg", 0, grown.classnames[0]))
+    with pytest.raises(DataError) as err:
+        fewshot_splits(grown, 2, seed=1, cache_dir=tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "shot_2-seed_1.json") in message
+    assert "was drawn from other train/val data" in message and "delete" in message
+
+
+def test_cache_without_data_key_from_a_renamed_dataset_is_used(tmp_path: Path) -> None:
+    splits = generated_splits(SIZES)
+    first = fewshot_splits(splits, 2, seed=4, cache_dir=tmp_path)
+    cache = tmp_path / "shot_2-seed_4.json"
+    raw = json.loads(cache.read_text())
+    del raw["data"]  # as written by vladapt before the key existed
+    raw["dataset"] = "old-folder-name"
+    cache.write_text(json.dumps(raw))
+    again = fewshot_splits(splits, 2, seed=4, cache_dir=tmp_path)
+    assert (again.train, again.val) == (first.train, first.val)

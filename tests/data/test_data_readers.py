@@ -224,3 +224,21 @@ def test_reader_loads_an_official_split_file(tmp_path: Path) -> None:
     splits = load_dataset("oxford_pets", tmp_path)
     assert splits.train[0] == Datum("Abyssinian_122.jpg", 0, "abyssinian")
     assert splits.abspath(splits.train[0]) == tmp_path / "oxford_pets" / "images" / "Abyssinian_122.jpg"
+
+
+@pytest.mark.parametrize("name", ["synth_shapes", "synth_textures", "synth_counts"])
+def test_missing_synthetic_data_says_how_to_generate_it(name: str, tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_dataset(name, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "official" not in message and "DATASETS.md" not in message
+    assert f"`vladapt demo --out OUT --datasets {name} --methods zeroshot` writes it to OUT/data" in message
+    assert f"vladapt.synth.datasets.write_dataset({name!r}, {str(tmp_path)!r})" in message
+
+
+def test_synthetic_hint_is_what_generates_a_loadable_dataset(tmp_path: Path) -> None:
+    from vladapt.synth.datasets import write_dataset
+
+    write_dataset("synth_textures", tmp_path, per_class=(2, 1, 1))
+    splits = load_dataset("synth_textures", tmp_path)
+    assert len(splits.train) == 2 * splits.num_classes and len(splits.test) == splits.num_classes

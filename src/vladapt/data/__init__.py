@@ -17,7 +17,7 @@ from vladapt.data.base import (
     load_dataset,
     register_dataset,
 )
-from vladapt.data.check import CheckReport, check_dataset, format_report
+from vladapt.data.check import CheckReport, check_dataset, format_report, require_images
 from vladapt.data.custom import CUSTOM_DATASETS, load_custom
 from vladapt.data.fewshot import fewshot_splits, sample_fewshot
 from vladapt.data.subsample import subsample_classes
@@ -35,6 +35,7 @@ __all__ = [
     "load_custom",
     "load_dataset",
     "register_dataset",
+    "require_images",
     "sample_fewshot",
     "subsample_classes",
 ]

@@ -102,7 +102,30 @@ def load_dataset(name: str, root: str | os.PathLike[str], **kwargs: object) -> D
         loader = _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}") from None
-    return loader(Path(root).expanduser(), **kwargs)
+    splits = loader(Path(root).expanduser(), **kwargs)
+    check_paths_inside(splits)
+    return splits
+
+
+def check_paths_inside(splits: DatasetSplits) -> None:
+    """Raise :class:`DataError` if an item path of ``splits`` is absolute or leaves its image root.
+
+    The readers already refuse such paths entry by entry; this backstop covers every registered
+    reader (including ones registered outside vladapt) at the cost of a few string tests per item.
+    """
+    bad = [
+        f"{split}[{index}]: path {datum.path!r} {reason}"
+        for split in SPLIT_NAMES
+        for index, datum in enumerate(splits.split(split))
+        if (".." in datum.path or datum.path[:1] in ("/", "\\") or datum.path[1:2] == ":")
+        and (reason := unsafe_path_reason(datum.path)) is not None
+    ]
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(
+            f"dataset {splits.name!r} (image root {splits.image_root}) lists {len(bad)} image path(s) "
+            f"outside its image root: {shown}; fix the split file or list these items came from"
+        )
 
 
 def classnames_from_items(items: Iterable[tuple[str, Datum]]) -> tuple[list[str], list[str]]:
@@ -111,7 +134,8 @@ def classnames_from_items(items: Iterable[tuple[str, Datum]]) -> tuple[list[str]
     ``where`` is a short location used in messages (e.g. ``"train[12]"``). Returns
     ``(classnames, problems)``: every label must carry exactly one name, every name exactly one label,
     and the labels must be 0..N-1 without gaps. An inconsistent label or name is reported once, with
-    its variants counted, rather than once per item. ``problems`` is empty when all holds.
+    its variants counted, rather than once per item. ``problems`` is empty when all holds; with gaps
+    in the labels ``classnames`` is empty (the largest label may be absurd, e.g. ``10**18``).
     """
     # label -> name -> [count, first location], and the reverse; dicts keep first-seen order.
     names: dict[int, dict[str, list]] = {}
@@ -130,15 +154,19 @@ def classnames_from_items(items: Iterable[tuple[str, Datum]]) -> tuple[list[str]
         if len(variants) > 1
     ]
     count = max(names, default=-1) + 1
-    gaps = [label for label in range(count) if label not in names]
-    if gaps:
+    if count > len(names):
+        # Never walk range(count): a corrupt file may hold a label like 10**18.
+        gaps = []
+        for label in range(count):
+            if label not in names:
+                gaps.append(label)
+                if len(gaps) > 10:
+                    break
         shown = ", ".join(map(str, gaps[:10])) + (" ..." if len(gaps) > 10 else "")
         problems.append(f"labels must be 0..{count - 1} without gaps; no item has label {shown}")
+        return [], problems
     # The most frequent name stands for a label (stable: ties go to the first seen).
-    classnames = [
-        max(names[label].items(), key=lambda kv: kv[1][0])[0] if label in names else ""
-        for label in range(count)
-    ]
+    classnames = [max(names[label].items(), key=lambda kv: kv[1][0])[0] for label in range(count)]
     return classnames, problems
 
 
@@ -174,6 +202,33 @@ def list_images(folder: Path, recursive: bool = False) -> list[str]:
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
         )
     return sorted(found)
+
+
+def unsafe_path_reason(path: str) -> str | None:
+    """Why ``path`` (from a split file or item list) may not name an image, or ``None`` if it may.
+
+    Image paths must be relative and stay inside the image root once ``..`` components are
+    resolved: an absolute path (``/etc/hostname``, ``C:/x``, ``//server/share``) or one that climbs
+    out (``../outside/evil.jpg``, ``a/../../b``) would make vladapt read files outside the dataset.
+    Backslashes count as separators, so Windows-style paths are judged the same way on every OS.
+    Purely lexical: symbolic links inside the root are followed, so a symlinked dataset folder works.
+    """
+    text = path.replace("\\", "/")
+    if "\0" in text:
+        return "contains a NUL character"
+    # "C:/x" and "C:" are Windows absolute paths; "a:b/x.jpg" is a folder named "a:b" except on Windows.
+    drive = text[1:2] == ":" and text[0].isalpha() and (text[2:3] in ("", "/") or os.name == "nt")
+    if text.startswith("/") or drive:
+        return "is an absolute path; image paths must be relative to the image root"
+    depth = 0
+    for part in text.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "leaves the image root ('..'); image paths must stay inside it"
+        elif part not in ("", "."):
+            depth += 1
+    return None
 
 
 def require_dir(path: Path, what: str, hint: str) -> None:

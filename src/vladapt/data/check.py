@@ -1,4 +1,8 @@
-"""Dataset checker: load a layout and collect every problem instead of stopping at the first."""
+"""Dataset checker: load a layout and collect every problem instead of stopping at the first.
+
+:func:`check_dataset` is the thorough check behind ``vladapt data check`` (every image decoded by
+default); :func:`require_images` is the cheap existence check a run does before spending compute.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from vladapt.data.base import SPLIT_NAMES, load_dataset
+from vladapt.data.base import SPLIT_NAMES, DatasetSplits, load_dataset
 from vladapt.data.custom import CUSTOM_DATASETS
 from vladapt.data.splitfile import DataProblems
 from vladapt.errors import DataError
@@ -25,8 +29,9 @@ class CheckReport:
 
     ``problems`` holds layout, split-file and label/classname problems (one message each);
     ``missing`` the absolute paths of absent images; ``unreadable`` ``(path, reason)`` pairs of images
-    PIL cannot open. ``counts`` maps split name to item count; ``checked_images`` counts distinct
-    image files looked at and ``images_verified`` whether they were opened with PIL or only found.
+    PIL cannot open or decode. ``counts`` maps split name to item count; ``checked_images`` counts
+    distinct image files looked at, ``images_verified`` whether they were opened with PIL or only
+    found and ``images_decoded`` whether their pixel data was decoded (not only their headers read).
     """
 
     name: str
@@ -36,6 +41,7 @@ class CheckReport:
     num_classes: int = 0
     checked_images: int = 0
     images_verified: bool = False
+    images_decoded: bool = False
     problems: list[str] = field(default_factory=list)
     missing: list[Path] = field(default_factory=list)
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
@@ -50,15 +56,18 @@ def check_dataset(
     root: str | os.PathLike[str],
     *,
     verify_images: bool = True,
+    decode: bool = True,
     workers: int = 8,
     quiet: bool = False,
     **load_kwargs: object,
 ) -> CheckReport:
     """Check dataset ``name`` under ``root`` (as for :func:`~vladapt.data.load_dataset`) without raising.
 
-    Reports a missing or malformed split file, label/classname inconsistencies, every missing image
-    and, with ``verify_images``, every image PIL cannot open and verify (``workers`` threads; a
-    progress bar unless ``quiet``). Custom data is checked without saving a new split file. Only an
+    Reports a missing or malformed split file, label/classname inconsistencies, image paths that
+    leave the image root, every missing image and, with ``verify_images``, every image PIL cannot
+    open, verify and (with ``decode``, the default) fully decode; ``decode=False`` only reads the
+    headers, which is faster but passes truncated files (``workers`` threads; a progress bar unless
+    ``quiet``). Custom data is checked without saving a new split file. Only an
     unknown dataset name raises (:class:`~vladapt.errors.ConfigError`).
     """
     report = CheckReport(name, Path(root).expanduser())
@@ -81,7 +90,11 @@ def check_dataset(
     paths = list(dict.fromkeys(splits.abspath(d) for split in SPLIT_NAMES for d in splits.split(split)))
     report.checked_images = len(paths)
     report.images_verified = verify_images
-    inspect = _inspect_image if verify_images else _inspect_existence
+    report.images_decoded = verify_images and decode
+    if not verify_images:
+        inspect = _inspect_existence
+    else:
+        inspect = _decode_image if decode else _inspect_image
     with (
         ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
         tqdm(total=len(paths), desc=f"checking {name}", unit="img", disable=quiet) as progress,
@@ -115,8 +128,51 @@ def _inspect_image(path: Path) -> str | None:
     return None
 
 
-def format_report(report: CheckReport, max_listed: int = 20) -> str:
-    """Human-readable summary of ``report``; long lists show ``max_listed`` entries and a total."""
+def _decode_image(path: Path) -> str | None:
+    """Like :func:`_inspect_image`, then decode every pixel: ``verify()`` misses truncated files."""
+    outcome = _inspect_image(path)
+    if outcome is not None:
+        return outcome
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def require_images(
+    splits: DatasetSplits,
+    which: tuple[str, ...] = SPLIT_NAMES,
+    *,
+    dataset: str | None = None,
+    root: str | os.PathLike[str] | None = None,
+    max_shown: int = 5,
+) -> None:
+    """Raise one :class:`DataError` if an image of the ``which`` splits of ``splits`` is missing.
+
+    A cheap existence check (no image is opened) to run before training or evaluating, so that a
+    dataset with absent files fails at once with the number of missing images and the first
+    ``max_shown`` of them, instead of after minutes of compute on the first one met. ``dataset`` and
+    ``root`` (the name and ``--root`` the user gave) make the hint a ready ``vladapt data check``
+    command line.
+    """
+    paths = dict.fromkeys(splits.abspath(d) for split in which for d in splits.split(split))
+    missing = [path for path in paths if not path.is_file()]
+    if not missing:
+        return
+    shown = ", ".join(str(p) for p in missing[:max_shown]) + (", ..." if len(missing) > max_shown else "")
+    command = f"vladapt data check --dataset {dataset or splits.name} --root {root or splits.image_root}"
+    raise DataError(
+        f"dataset {splits.name!r}: {len(missing)} of {len(paths)} images of the "
+        f"{'/'.join(which)} split(s) are missing under {splits.image_root} (first: {shown}); "
+        f"run `{command}` (Python: vladapt.data.check_dataset()) to list every missing or unreadable file"
+    )
+
+
+def format_report(report: CheckReport, max_listed: int | None = 20) -> str:
+    """Human-readable summary of ``report``; long lists show ``max_listed`` entries and a total
+    (``None``: every entry)."""
     lines = [f"dataset {report.name!r} at {report.root}"]
     if report.image_root is not None:
         counts = ", ".join(f"{split} {count}" for split, count in report.counts.items())
@@ -131,10 +187,15 @@ def format_report(report: CheckReport, max_listed: int = 20) -> str:
         if entries:
             lines.append(f"  {title} ({len(entries)}):")
             lines.extend(f"    {entry}" for entry in entries[:max_listed])
-            if len(entries) > max_listed:
+            if max_listed is not None and len(entries) > max_listed:
                 lines.append(f"    ... and {len(entries) - max_listed} more")
     if report.ok:
-        verdict = "present and readable" if report.images_verified else "present (not opened)"
+        if not report.images_verified:
+            verdict = "present (not opened)"
+        elif report.images_decoded:
+            verdict = "present and readable (fully decoded)"
+        else:
+            verdict = "present, headers readable (not decoded)"
         lines.append(f"  OK: {report.checked_images} images {verdict}")
     else:
         lines.append("  FAILED: fix the problems above")

@@ -12,6 +12,9 @@ picks one from the path):
   with the same meaning (an integer label is used as its decimal string); or a ready split file in
   the ``split_zhou`` format (keys train/val/test), which is used as is.
 
+Listed paths must be relative and stay inside the image root (no absolute paths, no ``..`` that
+climbs out of it); other entries are reported, with their line or index, and nothing is read.
+
 Labels index the sorted class names. Without a split, a seeded per-class split (default 50/20/30
 train/val/test, at least one test image per class) is made and saved as a split file, by default
 ``DIR/split.json`` or ``<FILE stem>.split.json`` beside the list file, so that reruns reuse it. A saved
@@ -35,6 +38,7 @@ from vladapt.data.base import (
     list_images,
     register_dataset,
     require_dir,
+    unsafe_path_reason,
 )
 from vladapt.data.splitfile import DataProblems, read_split_file, write_split_file
 from vladapt.errors import ConfigError, DataError
@@ -157,7 +161,7 @@ def load_json(
     """A JSON item list, or a ready split file, at ``root``; see the module docstring."""
     try:
         raw = json.loads(root.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON or a huge int
         raise DataError(f"cannot read JSON file {root}: {err}") from err
     if isinstance(raw, dict):
         parts, classnames = read_split_file(root)
@@ -203,6 +207,8 @@ def _from_list_file(
             problems.append(f"{where}: needs a non-empty 'path', got {path!r}")
         elif not isinstance(label, str) or not label.strip():
             problems.append(f"{where}: needs a non-empty 'label' (the class name), got {label!r}")
+        elif (unsafe := unsafe_path_reason(path.strip())) is not None:
+            problems.append(f"{where}: path {path.strip()!r} {unsafe}")
         else:
             rel = PurePath(path.strip()).as_posix()
             if rel in first_seen:

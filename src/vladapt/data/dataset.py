@@ -13,6 +13,9 @@ from torchvision.transforms.functional import to_tensor
 from vladapt.data.base import Datum
 from vladapt.errors import DataError
 
+#: How to run the checker, for messages that can reach a CLI user or a Python caller.
+CHECK_HINT = "`vladapt data check --dataset NAME --root ROOT` (Python: vladapt.data.check_dataset())"
+
 
 def load_image(path: Path) -> Image.Image:
     """Open ``path`` as an RGB image; a missing or unreadable file raises :class:`DataError`."""
@@ -20,11 +23,11 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError:
-        raise DataError(f"image {path} not found; check_dataset() lists every missing file") from None
+        raise DataError(f"image {path} not found; {CHECK_HINT} lists every missing file") from None
     except (OSError, SyntaxError, ValueError) as err:
         # PIL reports corrupt files as OSError (UnidentifiedImageError) and, for some formats, SyntaxError.
         raise DataError(
-            f"cannot read image {path}: {err}; check_dataset() lists every unreadable file"
+            f"cannot read image {path}: {err}; {CHECK_HINT} lists every unreadable file"
         ) from err
 
 

@@ -8,6 +8,7 @@ same subsets without touching global state.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -66,9 +67,11 @@ def fewshot_splits(
     Train gets K shots per class, then val ``min(K, 4)`` from the same ``random.Random(seed)`` (an
     empty val, as for ImageNet, consumes nothing). ``num_shots`` of ``None`` or ``<= 0`` returns all
     data. With ``cache_dir`` (normally ``splits.fewshot_cache_dir``) the subset is read from, or
-    written to, :func:`cache_path`: JSON ``{"dataset", "num_shots", "seed", "train": [[path, label,
-    classname], ...], "val": [...]}``. A cache that does not belong to ``splits`` raises
-    :class:`DataError`.
+    written to, :func:`cache_path`: JSON ``{"dataset", "data", "num_shots", "seed", "train": [[path,
+    label, classname], ...], "val": [...]}``. ``data`` is :func:`data_key` of the train and val
+    splits it was drawn from, which holds only relative paths, labels and class names, so the cache
+    stays valid when the dataset folder is renamed or moved; ``dataset`` is informational. A cache
+    drawn from other data (or holding items that are not in ``splits``) raises :class:`DataError`.
     """
     if num_shots is None or num_shots <= 0:
         return replace(splits, train=list(splits.train), val=list(splits.val), test=list(splits.test))
@@ -80,9 +83,22 @@ def fewshot_splits(
         train = sample_fewshot(splits.train, num_shots, rng)
         val = sample_fewshot(splits.val, min(num_shots, VAL_SHOTS_CAP), rng)
         if path is not None:
-            header = {"dataset": splits.name, "num_shots": num_shots, "seed": seed}
+            header = {"dataset": splits.name, "data": data_key(splits), "num_shots": num_shots, "seed": seed}
             atomic_write_text(path, split_json_text({"train": train, "val": val}, header))
     return replace(splits, train=train, val=val, test=list(splits.test))
+
+
+def data_key(splits: DatasetSplits) -> str:
+    """Fingerprint of the train and val items a few-shot subset is drawn from.
+
+    Built from the relative paths, labels and class names in order (the draw depends on that order),
+    never from the image root, so moving or renaming the dataset folder keeps it.
+    """
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        text = "".join(f"{split}\t{d.path}\t{d.label}\t{d.classname}\n" for d in splits.split(split))
+        digest.update(text.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:32]
 
 
 def _read_cache(
@@ -91,18 +107,26 @@ def _read_cache(
     hint = f"delete {path} to sample the subset again"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON or a huge int
         raise DataError(f"cannot read few-shot cache {path}: {err}; {hint}") from err
     if not isinstance(raw, dict):
         raise DataProblems(
             path, ["expected a JSON object with keys dataset, num_shots, seed, train, val"], hint
         )
-    expected = {"dataset": splits.name, "num_shots": num_shots, "seed": seed}
+    # The dataset name is not compared: a custom folder's name changes when the folder is renamed.
+    expected = {"num_shots": num_shots, "seed": seed}
     problems = [
         f"{key} is {raw.get(key)!r}, expected {value!r}"
         for key, value in expected.items()
         if raw.get(key) != value
     ]
+    # Caches written before the key existed are still checked item by item below.
+    key = data_key(splits) if "data" in raw else None
+    if key is not None and raw["data"] != key:
+        problems.append(
+            f"it was drawn from other train/val data (data key {raw['data']!r}, the dataset's is "
+            f"{key!r}): images or classes were added, removed or relabelled since"
+        )
     parts: dict[str, list[Datum]] = {}
     for split in ("train", "val"):
         parts[split], bad = parse_entries(raw.get(split), split)

@@ -17,6 +17,7 @@ from vladapt.data.base import (
     DatasetSplits,
     Datum,
     register_dataset,
+    unsafe_path_reason,
 )
 from vladapt.data.splitfile import DataProblems, read_split_file
 from vladapt.errors import DataError
@@ -53,10 +54,21 @@ SPLIT_FILE_LAYOUTS: dict[str, SplitFileLayout] = {
 }
 
 
+#: Datasets vladapt generates (vladapt.synth.datasets) instead of reading an official download.
+SYNTHETIC_DATASETS = frozenset(name for name in SPLIT_FILE_LAYOUTS if name.startswith("synth_"))
+
+
 def _load_split_file_dataset(root: Path, *, name: str, layout: SplitFileLayout) -> DatasetSplits:
     dataset_dir = root / layout.folder
     image_root = dataset_dir / layout.image_dir if layout.image_dir else dataset_dir
     split_path = dataset_dir / layout.split_file
+    if not split_path.is_file() and name in SYNTHETIC_DATASETS:
+        raise DataError(
+            f"split file {split_path} not found; {name!r} is vladapt's synthetic data, generated rather than "
+            f"downloaded: `vladapt demo --out OUT --datasets {name} --methods zeroshot` writes it to OUT/data "
+            f"(then pass --root OUT/data), or from Python vladapt.synth.datasets.write_dataset({name!r}, "
+            f"{str(root)!r}) writes it under this root"
+        )
     if not split_path.is_file():
         raise DataError(
             f"split file {split_path} not found; dataset {name!r} needs the official "
@@ -118,6 +130,8 @@ def load_fgvc_aircraft(root: Path) -> DatasetSplits:
                 problems.append(
                     f"{list_path.name} line {lineno}: expected '<image id> <variant>', got {line!r}"
                 )
+            elif (unsafe := unsafe_path_reason(f"{image_id}.jpg")) is not None:
+                problems.append(f"{list_path.name} line {lineno}: image id {image_id!r} {unsafe}")
             elif variant not in label_of:
                 problems.append(f"{list_path.name} line {lineno}: variant {variant!r} is not in variants.txt")
             else:

@@ -2,6 +2,7 @@
 
 Format: a JSON object whose keys ``"train"``, ``"val"`` and ``"test"`` each hold a list of
 ``[relative_image_path, label, classname]`` triples; labels are 0-based and each label has one name.
+An image path that is absolute or leaves the image root (``../x.jpg``) is refused as a bad entry.
 The same format is used for the splits vladapt makes for custom data and for few-shot caches.
 """
 
@@ -12,7 +13,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from vladapt.data.base import SPLIT_NAMES, Datum, classnames_from_items
+from vladapt.data.base import SPLIT_NAMES, Datum, classnames_from_items, unsafe_path_reason
 from vladapt.errors import DataError
 from vladapt.io import atomic_write_text
 
@@ -39,7 +40,8 @@ def parse_entries(raw: object, where: str) -> tuple[list[Datum], list[str]]:
     """Turn a JSON list of ``[path, label, classname]`` triples into items.
 
     ``where`` names the list in messages (e.g. ``"train"``, giving ``"train[3]"``). Returns
-    ``(items, problems)``; malformed entries are skipped and reported.
+    ``(items, problems)``; malformed entries, and paths that are absolute or leave the image root
+    (see :func:`~vladapt.data.base.unsafe_path_reason`), are skipped and reported.
     """
     if not isinstance(raw, list):
         return [], [f"{where}: expected a list of [path, label, classname] entries, got {type(raw).__name__}"]
@@ -54,6 +56,8 @@ def parse_entries(raw: object, where: str) -> tuple[list[Datum], list[str]]:
         # bool is an int subclass; a true/false label is a typo, not class 0/1.
         if not isinstance(path, str) or not path:
             problems.append(f"{at}: path must be a non-empty string, got {path!r}")
+        elif (unsafe := unsafe_path_reason(path)) is not None:
+            problems.append(f"{at}: path {path!r} {unsafe}")
         elif not isinstance(label, int) or isinstance(label, bool) or label < 0:
             problems.append(f"{at}: label must be an integer >= 0, got {label!r}")
         elif not isinstance(classname, str) or not classname:
@@ -83,7 +87,7 @@ def read_split_file(
         raise DataError(f"split file {path} not found; {hint}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON or a huge int
         raise DataError(f"cannot read split file {path}: {err}; {hint}") from err
     if not isinstance(raw, dict):
         raise DataProblems(path, [f"expected a JSON object with keys {', '.join(SPLIT_NAMES)}"], hint)

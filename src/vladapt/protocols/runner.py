@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vladapt import __version__
 from vladapt.backbones import Backbone
-from vladapt.data import DatasetSplits, fewshot_splits, load_dataset, subsample_classes
+from vladapt.data import DatasetSplits, fewshot_splits, load_dataset, require_images, subsample_classes
 from vladapt.errors import ConfigError
 from vladapt.protocols.metrics import CROSS_DATASET_TARGETS, DG_TARGETS, average, harmonic_mean
 
@@ -112,6 +112,8 @@ def _prepare(settings: RunSettings, dataset: str, shots: int, seed: int, run_dir
     torch.manual_seed(seed)
     full = load_dataset(dataset, settings.root)
     few = fewshot_splits(full, shots, seed, cache_dir=full.fewshot_cache_dir)
+    require_images(few, ("train", "val", "test") if settings.evaluate else ("train", "val"), dataset=dataset,
+                   root=settings.root)  # every image this run reads, before any compute
     train = subsample_classes(few, train_classes)
     method = build_method(settings, train.classnames, dataset)
     from vladapt.engine.features import FrozenFeatures
@@ -161,6 +163,8 @@ def run_base2new(settings: RunSettings, dataset: str, shots: int, seed: int,
 def _run_transfer(settings: RunSettings, protocol: str, source: str, targets: tuple[str, ...], shots: int,
                   seed: int, run_dir: Path | None) -> dict[str, Any]:
     t0 = time.perf_counter()
+    for target in targets if settings.evaluate else ():  # the targets' test images too, before training on the source
+        require_images(load_dataset(target, settings.root), ("test",), dataset=target, root=settings.root)
     few, method, trained = _prepare(settings, source, shots, seed, run_dir)
     if not settings.evaluate:
         return None
