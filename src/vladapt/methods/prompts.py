@@ -150,7 +150,8 @@ class PromptBank:
         if missing and strict:
             raise ConfigError(
                 f"the description bank has no descriptions for {len(missing)} of {len(classnames)} classes: "
-                f"{missing}; add them to the bank or build with strict=False to use the fallback prompt"
+                f"{missing}; add them to the bank, or set method.strict_descriptions=false (Python: strict=False) "
+                "to give them the fallback prompt"
             )
         counts = [len(p) for p in prompts]
         t_max = max(counts)
