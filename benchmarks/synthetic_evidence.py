@@ -88,8 +88,8 @@ def _ms(xs: list[float]) -> str:
     return f"{st.fmean(xs):.1f} ± {st.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
 
 
-def report(out: Path, datasets: list[str], order: list[str] = ()) -> str:
-    recs = [json.loads(p.read_text()) for p in sorted((out / "records").rglob("*.json"))]
+def report(out: Path, datasets: list[str], order: list[str] = (), include: list[Path] = ()) -> str:
+    recs = [json.loads(p.read_text()) for d in (out, *include) for p in sorted((d / "records").rglob("*.json"))]
     recs = [r for r in recs if isinstance(r, dict) and "results" in r and r.get("dataset") in datasets]
     found = {r["method"] for r in recs}
     methods = [m for m in order if m in found] + sorted(found - set(order))
@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--shots", nargs="+", type=int, default=[1, 4, 16], help="few-shot K values")
     ap.add_argument("--report-only", action="store_true", help="only write the report of the records in --out")
+    ap.add_argument("--include", type=Path, action="append", default=[],
+                    help="also report the records of another --out folder (e.g. a grid run in parallel)")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                     help="a config override for every run (repeat for several)")
     args = ap.parse_args()
@@ -160,7 +162,7 @@ def main() -> None:
         run(args)
     from vladapt.io import atomic_write_text
 
-    text = report(args.out, args.datasets, args.methods)
+    text = report(args.out, args.datasets, args.methods, args.include)
     atomic_write_text(args.out / "evidence.md", text)
     print(text)
 
