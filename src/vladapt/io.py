@@ -22,6 +22,12 @@ class WriteError(VladaptError, OSError):
     """A result, checkpoint or cache file cannot be written (read-only folder, full disk, ...)."""
 
 
+def _write_error(message: str, err: OSError) -> WriteError:
+    e = WriteError(message)
+    e.reason = err.strerror or str(err)  # the operating system's reason alone ("Read-only file system")
+    return e
+
+
 def finite_json(obj: Any) -> Any:
     """``obj`` with every non-finite float (NaN, inf) replaced by ``None`` (JSON ``null``)."""
     if isinstance(obj, float):
@@ -64,8 +70,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise WriteError(f"cannot write {path} ({err.strerror or err}); make {path.parent} writable "
-                         "or choose another folder (--out)") from None
+        raise _write_error(f"cannot write {path} ({err.strerror or err}); make {path.parent} writable "
+                           "or choose another folder (--out)", err) from None
     try:
         # mkstemp creates 0600; results and caches in shared folders must stay readable by others.
         os.fchmod(fd, 0o644)
@@ -78,8 +84,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(err, OSError) and not isinstance(err, VladaptError):
-            raise WriteError(f"cannot write {path} ({err.strerror or err}); check the free space and "
-                             f"permissions of {path.parent}") from None
+            raise _write_error(f"cannot write {path} ({err.strerror or err}); check the free space and "
+                               f"permissions of {path.parent}", err) from None
         raise
     return path
 
