@@ -195,7 +195,8 @@ def test_records_hold_the_train_config_and_the_report_shows_non_default_settings
     assert rec["train_config"]["lr"] == json.loads((trained_run / "checkpoint/meta.json").read_text())[
         "train_config"]["lr"]
     report = (trained_run.parents[3] / "report.md").read_text()
-    assert "| fewshot | heba | folder | 4 | 1 | `train.batch_size=4`, `train.epochs=1`, `train.precision=fp32` |" in report
+    row = "| fewshot | heba | folder | 4 | 1 | `train.batch_size=4`, `train.epochs=1`, `train.precision=fp32` |"
+    assert row in report
 
 
 def test_a_failed_seed_leaves_the_report_of_the_finished_ones(colors, tiny, tmp_path):

@@ -155,7 +155,8 @@ def settings_table(records: Iterable[dict[str, Any]]) -> str:
         rows[(r["protocol"], label(r), r["dataset"], r["shots"], text)].append(r["seed"])
     if not rows:
         return ""
-    out = ["### settings\n", "| protocol | method | dataset | shots | seeds | settings (differing from the packaged config) |",
+    out = ["### settings\n",
+           "| protocol | method | dataset | shots | seeds | settings (differing from the packaged config) |",
            "|---|---|---|---|---|---|"]
     for (protocol, method, ds, shots, text), seeds in sorted(rows.items()):
         out.append(f"| {protocol} | {method} | {ds} | {shots} | {' '.join(map(str, sorted(seeds)))} | {text} |")

@@ -292,6 +292,9 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         epochs = math.ceil(total / per_epoch)
         meta["epochs"] = epochs
     warmup = cfg.warmup_epochs * per_epoch
+    if start and progress and dist.is_main():
+        left = f"{epochs - start} epoch(s) to go" if start < epochs else "training was already finished"
+        print(f"resumed from epoch {start} of {epochs} in {run_dir} ({left})", file=sys.stderr, flush=True)
     for epoch in range(start, epochs):
         lr = lr_at_epoch(cfg, epoch) if cfg.schedule == "epoch" else lr_at_iteration(cfg, epoch * per_epoch, total, warmup)
         _set_lr(optimizer, lr)
@@ -306,8 +309,6 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
             local = [[(epoch, i) for i in b[_shard(b, world, rank)]] for b in batches]
             loader = DataLoader(dataset, batch_sampler=local, num_workers=cfg.workers)
         method.train()
-        if start and epoch == start and progress and dist.is_main():
-            print(f"resumed from epoch {start} ({run_dir})", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         loss_sum = correct = count = 0.0
         term_sums: dict[str, float] = {}
