@@ -330,11 +330,13 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
                     out = method.feature_step(images.to(device), labels.to(device), info)
                 else:
                     out = method.training_step(images.to(device), labels.to(device), info)
-            loss_finite = bool(torch.isfinite(out.loss.detach()).all())
+            local_finite = bool(torch.isfinite(out.loss.detach()).all())
+            loss_finite = local_finite
             if world > 1:  # every rank stops at the same step
-                loss_finite = dist.all_sum([float(not loss_finite)])[0] == 0
+                loss_finite = dist.all_sum([float(not local_finite)])[0] == 0
             if not loss_finite:
-                raise _diverged(f"the loss is {float(out.loss.detach())}", epoch, step, len(batches), cfg, run_dir)
+                what = "the loss of another process" if local_finite else f"the loss is {float(out.loss.detach())}"
+                raise _diverged(what, epoch, step, len(batches), cfg, run_dir)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(out.loss).backward()
