@@ -335,7 +335,8 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
             if world > 1:  # every rank stops at the same step
                 loss_finite = dist.all_sum([float(not local_finite)])[0] == 0
             if not loss_finite:
-                what = "the loss of another process is not finite" if local_finite else f"the loss is {float(out.loss.detach())}"
+                what = ("the loss of another process is not finite" if local_finite
+                        else f"the loss is {float(out.loss.detach())}")
                 raise _diverged(what, epoch, step, len(batches), cfg, run_dir)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
