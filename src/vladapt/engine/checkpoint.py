@@ -35,7 +35,7 @@ class CheckpointError(VladaptError):
 
 
 def _unreadable(path: Path, run_dir: str | Path, err: BaseException) -> CheckpointError:
-    reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = str(err).strip().splitlines()[0].split(". ")[0][:200] if str(err).strip() else type(err).__name__
     return CheckpointError(f"checkpoint file {path} is unreadable ({reason}): it is truncated or corrupt; "
                            f"delete the run folder {run_dir} and train again (without --resume)")
 
