@@ -268,7 +268,7 @@ def test_train_and_eval_checkpoint_from_the_cli(colors, tmp_path, capsys):
     assert len((run_dir / "log.jsonl").read_text().splitlines()) == 1
     assert main(["eval", "--checkpoint", str(run_dir), "--root", str(colors), "--out", str(tmp_path / "again"),
                  "--quiet"]) == 0
-    again = json.loads((tmp_path / "again/base2new/heba/folder/shots_4-seed_1.json").read_text())
+    again = json.loads((tmp_path / "again/base2new/heba/folder/shots_4-seed_1.eval.json").read_text())
     assert again["results"]["base"]["correct"] == rec["results"]["base"]["correct"]
     assert again["results"]["new"]["correct"] == rec["results"]["new"]["correct"]
     assert again["checkpoint"] == str(run_dir)

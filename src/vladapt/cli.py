@@ -515,8 +515,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    import warnings
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # warnings (e.g. an unwritable feature cache) as one line, like errors
+            warnings.showwarning = lambda message, *rest, **kw: print(f"vladapt: warning: {message}", file=sys.stderr)
+            return int(args.func(args) or 0)
     except VladaptError as e:
         print(f"vladapt: error: {e}", file=sys.stderr)
         return 2

@@ -3,8 +3,14 @@
 ``vladapt train``, ``vladapt eval`` and ``vladapt demo`` all run through :func:`run_grid`, and so can a
 Python script: it trains the method (or loads a trained checkpoint), evaluates it through the
 protocol, writes each record atomically to ``<out>/<protocol>/<method>/<dataset>/shots_<K>-seed_<S>.json``
-and the Markdown report of every record under ``out`` to ``<out>/report.md``. In a data-parallel run
-(``torchrun``) every process trains; only rank 0 evaluates and writes.
+(the evaluation of a trained checkpoint to ``shots_<K>-seed_<S>.eval.json`` beside it, so it never
+replaces the training record) and the Markdown report of every record under ``out`` to
+``<out>/report.md``, rewritten after every record (a later failing run leaves the report of the
+finished ones). In a data-parallel run (``torchrun``) every process trains; only rank 0 evaluates
+and writes.
+
+A training record holds the full ``train_config`` (an evaluation record the one of its checkpoint)
+and, for a resumed run (``resume=True``), ``resumed_from_epoch``.
 """
 
 from __future__ import annotations
@@ -36,22 +42,33 @@ def run_grid(settings: RunSettings, protocol: str, dataset: str, shots: int | Se
     ``checkpoint`` (the run directory of a trained run) every run loads those weights and the record
     names it; otherwise ``settings.train_fn`` is used as given (``None`` suits training-free methods).
     ``targets`` replaces the target datasets of cross_dataset and dg. ``on_record(record, path)`` is
-    called after each record is written; ``report=False`` skips ``report.md``.
+    called after each record is written; ``report=False`` skips ``report.md``. ``out`` must be
+    writable: that is checked before any run starts.
     """
     from vladapt.bench.report import load_records, markdown_report
+    from vladapt.config import to_dict
     from vladapt.engine import distributed as dist
-    from vladapt.io import atomic_write_json, atomic_write_text
+    from vladapt.io import atomic_write_json, atomic_write_text, check_writable
     from vladapt.protocols.runner import record_path, run_protocol
 
     if train_config is not None and checkpoint is not None:
         raise ConfigError("run_grid trains (train_config) or loads a checkpoint, not both")
     shots, seeds = ([x] if isinstance(x, int) else list(x) for x in (shots, seeds))
     out, main = Path(out), dist.is_main()
+    if main:  # a read-only or impossible --out fails now, not after the first run's compute
+        check_writable(out, "output folder")
     settings = replace(settings, out_dir=out, evaluate=settings.evaluate and main)
+    checkpoint_train_config = None
     if checkpoint is not None:
         settings.train_fn = _checkpoint_loader(Path(checkpoint), settings.backbone.fingerprint)
+        checkpoint_train_config = settings.train_fn.meta.get("train_config")
     extra = {"targets": tuple(targets)} if targets and protocol in TRANSFER_PROTOCOLS else {}
     records = []
+
+    def write_report() -> None:
+        if report and main:
+            atomic_write_text(out / "report.md", markdown_report(load_records(out)))
+
     for k in shots:
         if train_config is not None:
             settings.train_fn = _trainer(train_config, protocol, k, resume, settings.progress, settings.device)
@@ -60,19 +77,25 @@ def run_grid(settings: RunSettings, protocol: str, dataset: str, shots: int | Se
             if train_config is not None:
                 run_dir = record_path(out, {"protocol": protocol, "method": settings.method, "dataset": dataset,
                                             "shots": k, "seed": seed}).with_suffix("")
+                settings.train_fn.resumed_from_epoch = 0
             record = run_protocol(protocol, settings, dataset, k, seed, run_dir=run_dir, **extra)
             if record is None or not main:  # a helper process of a data-parallel run
                 continue
             if run_dir is not None:
                 record["run_dir"] = str(run_dir)
+                record["train_config"] = to_dict(train_config)
+                if settings.train_fn.resumed_from_epoch:
+                    record["resumed_from_epoch"] = settings.train_fn.resumed_from_epoch
             if checkpoint is not None:
                 record["checkpoint"] = str(checkpoint)
+                if checkpoint_train_config is not None:
+                    record["train_config"] = checkpoint_train_config
             path = atomic_write_json(record_path(out, record), record)
             records.append(record)
+            write_report()  # after every record: a later failure leaves the report of the finished runs
             if on_record is not None:
                 on_record(record, path)
-    if report and main:
-        atomic_write_text(out / "report.md", markdown_report(load_records(out)))
+    write_report()
     return records
 
 
@@ -83,14 +106,17 @@ def _trainer(cfg: TrainConfig, protocol: str, shots: int, resume: bool, progress
         # protocol and shots go into the checkpoint's meta: `vladapt eval --checkpoint` reruns from them
         fit(method, splits, cfg, seed, run_dir=run_dir, resume=resume, progress=progress, device=device,
             extra_meta={"protocol": protocol, "shots": shots})
+        train.resumed_from_epoch = getattr(method, "resumed_from_epoch", 0)
 
+    train.resumed_from_epoch = 0
     return train
 
 
 def _checkpoint_loader(checkpoint: Path, fingerprint: str) -> TrainFn:
     from vladapt.engine.checkpoint import load_checkpoint, read_meta
 
-    classnames = read_meta(checkpoint)["classnames"]
+    meta = read_meta(checkpoint)
+    classnames = meta["classnames"]
 
     def load(method, splits, seed: int, run_dir: Path | None) -> None:
         # the weights are tied to the class list they were trained on (text features, negatives)
@@ -100,6 +126,7 @@ def _checkpoint_loader(checkpoint: Path, fingerprint: str) -> TrainFn:
                               "dataset, protocol, shots and seed")
         load_checkpoint(checkpoint, method, fingerprint)
 
+    load.meta = meta
     return load
 
 
@@ -116,6 +143,8 @@ def result_summary(record: dict[str, Any], width: int = 0) -> str:
 
 
 def summary_line(record: dict[str, Any]) -> str:
-    """``heba | base2new | eurosat | 16 shots | seed 1: base 80.00  new 60.00  HM 68.57``."""
+    """``heba | base2new | eurosat | 16 shots | seed 1: base 80.00  new 60.00  HM 68.57``, followed by
+    ``(resumed from epoch N)`` for a resumed run."""
+    resumed = f" (resumed from epoch {record['resumed_from_epoch']})" if record.get("resumed_from_epoch") else ""
     return (f"{record['method']} | {record['protocol']} | {record['dataset']} | {record['shots']} shots | "
-            f"seed {record['seed']}: {result_summary(record)}")
+            f"seed {record['seed']}: {result_summary(record)}{resumed}")

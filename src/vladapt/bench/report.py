@@ -1,4 +1,11 @@
-"""Result records on disk -> Markdown tables (means over seeds)."""
+"""Result records on disk -> Markdown tables (means over seeds).
+
+Training records and evaluations of trained checkpoints (``vladapt eval --checkpoint``, files
+``*.eval.json``) are tabulated apart: an evaluation's rows name the method as
+``heba (checkpoint eval)``. :func:`settings_table` lists, per group of runs, the settings that differ
+from vladapt's packaged config of the method and protocol (``train.epochs=2``), so a short debug run
+cannot pass for a full one.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,13 @@ from vladapt.errors import DataError
 from vladapt.protocols.metrics import average_base_new, harmonic_mean
 
 
+def label(record: dict[str, Any]) -> str:
+    """The method's name in tables: ``heba``, or ``heba (checkpoint eval)`` for an evaluation of a checkpoint."""
+    return f"{record['method']} (checkpoint eval)" if record.get("checkpoint") else record["method"]
+
+
 def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Every result record under ``out_dir`` (files named ``shots_*-seed_*.json``)."""
+    """Every result record under ``out_dir`` (files named ``shots_*-seed_*.json`` and ``*.eval.json``)."""
     records = []
     for path in sorted(Path(out_dir).rglob("shots_*-seed_*.json")):
         try:
@@ -34,7 +46,7 @@ def _group(records: Iterable[dict[str, Any]], protocol: str) -> dict[tuple[str, 
     groups: dict[tuple[str, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r["protocol"] == protocol:
-            groups[(r["method"], r["shots"])][r["dataset"]].append(r)
+            groups[(label(r), r["shots"])][r["dataset"]].append(r)
     return groups
 
 
@@ -82,7 +94,7 @@ def fewshot_table(records: Iterable[dict[str, Any]]) -> str:
     by_method: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
         if r["protocol"] == "fewshot":
-            by_method[r["method"]][r["dataset"]][r["shots"]].append(r["results"]["test"]["accuracy"])
+            by_method[label(r)][r["dataset"]][r["shots"]].append(r["results"]["test"]["accuracy"])
     out = []
     for method, by_ds in sorted(by_method.items()):
         shots = sorted({k for d in by_ds.values() for k in d})
@@ -95,12 +107,74 @@ def fewshot_table(records: Iterable[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _flatten(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in (d or {}).items()}
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float):
+        return f"{v:g}"
+    return json.dumps(v)
+
+
+def non_default_settings(record: dict[str, Any]) -> list[str] | None:
+    """``["train.epochs=2", "method.scale=0.05"]``: the record's method and train settings that differ
+    from vladapt's packaged config of its method and protocol (its defaults where none is packaged);
+    ``None`` when the method is unknown here."""
+    from vladapt.config import to_dict
+    from vladapt.engine.runconfig import resolve_run_config
+    from vladapt.errors import VladaptError
+
+    try:
+        method_cfg, train_cfg = resolve_run_config(record["method"], record["protocol"])
+    except (VladaptError, OSError):
+        return None
+    default = {**_flatten(method_cfg, "method."), **_flatten(to_dict(train_cfg), "train.")}
+    given = _flatten(record.get("method_config") or {}, "method.")
+    if record.get("train_config") is not None:
+        given.update(_flatten(record["train_config"], "train."))
+    return [f"{k}={_value(v)}" for k, v in sorted(given.items()) if k in default and default[k] != v
+            or k not in default]
+
+
+def settings_table(records: Iterable[dict[str, Any]]) -> str:
+    """One row per (protocol, method, dataset, shots) and distinct settings: the seeds run so and the
+    settings that differ from the packaged config (``packaged config`` when none does)."""
+    rows: dict[tuple, list[int]] = defaultdict(list)
+    for r in records:
+        diff = non_default_settings(r)
+        text = "unknown method" if diff is None else ", ".join(f"`{d}`" for d in diff) or "packaged config"
+        if not r.get("trained", True) and not diff:
+            text = "packaged config (training-free)"
+        if r.get("train_config") is None and r.get("trained"):
+            text += " (train config not recorded)"
+        if r.get("resumed_from_epoch"):
+            text += f"; resumed from epoch {r['resumed_from_epoch']}"
+        rows[(r["protocol"], label(r), r["dataset"], r["shots"], text)].append(r["seed"])
+    if not rows:
+        return ""
+    out = ["### settings\n",
+           "| protocol | method | dataset | shots | seeds | settings (differing from the packaged config) |",
+           "|---|---|---|---|---|---|"]
+    for (protocol, method, ds, shots, text), seeds in sorted(rows.items()):
+        out.append(f"| {protocol} | {method} | {ds} | {shots} | {' '.join(map(str, sorted(seeds)))} | {text} |")
+    out.append("")
+    return "\n".join(out)
+
+
 def markdown_report(records: list[dict[str, Any]]) -> str:
     parts = ["# vladapt results\n"]
     for protocol, table in (("base2new", base2new_table), ("cross_dataset", None), ("dg", None), ("fewshot", fewshot_table)):
         if any(r["protocol"] == protocol for r in records):
             parts.append(table(records) if table else transfer_table(records, protocol))
+    settings = settings_table(records)
+    if settings:
+        parts.append(settings)
     parts.append("Accuracy in % (micro), mean ± population std over seeds. Dataset averages compare by the HM of "
                  "the mean Base and mean New accuracies (CoCoOp convention); the mean of per-dataset HMs is shown "
-                 "for comparison with papers that use it. Transfer averages are over the target datasets only.\n")
+                 "for comparison with papers that use it. Transfer averages are over the target datasets only. "
+                 "Rows named \"(checkpoint eval)\" are evaluations of trained checkpoints (`vladapt eval --checkpoint`, "
+                 "`*.eval.json`), kept apart from the training records.\n")
     return "\n".join(parts)

@@ -22,12 +22,22 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from vladapt import __version__
-from vladapt.errors import ConfigError
+from vladapt.errors import ConfigError, VladaptError
 from vladapt.io import atomic_write_bytes, atomic_write_json
 
 WEIGHTS = "weights.safetensors"
 META = "meta.json"
 OPTIMIZER = "optimizer.pt"
+
+
+class CheckpointError(VladaptError):
+    """A checkpoint file is missing, truncated or corrupt."""
+
+
+def _unreadable(path: Path, run_dir: str | Path, err: BaseException) -> CheckpointError:
+    reason = str(err).strip().splitlines()[0].split(". ")[0][:200] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"checkpoint file {path} is unreadable ({reason}): it is truncated or corrupt; "
+                           f"delete the run folder {run_dir} and train again (without --resume)")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -51,7 +61,13 @@ def read_meta(run_dir: str | Path) -> dict[str, Any]:
     path = checkpoint_dir(run_dir) / META
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a vladapt run directory with a checkpoint")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _unreadable(path, run_dir, err) from None
+    if not isinstance(meta, dict) or "method" not in meta:
+        raise _unreadable(path, run_dir, ValueError("not a vladapt checkpoint sidecar"))
+    return meta
 
 
 def load_checkpoint(run_dir: str | Path, method, backbone_fingerprint: str | None = None,
@@ -68,12 +84,19 @@ def load_checkpoint(run_dir: str | Path, method, backbone_fingerprint: str | Non
             "load the same backbone and weights"
         )
     ckpt = checkpoint_dir(run_dir)
-    tensors = st_load((ckpt / WEIGHTS).read_bytes())
+    try:
+        tensors = st_load((ckpt / WEIGHTS).read_bytes())
+    except Exception as err:  # safetensors: "invalid header length", "incomplete metadata", missing file
+        raise _unreadable(ckpt / WEIGHTS, run_dir, err) from None
     try:
         method.load_checkpoint_state(tensors)
     except ValueError as e:
         raise ConfigError(f"checkpoint {run_dir} does not fit this method's configuration ({e}); "
                           "use the checkpoint's config") from None
     if optimizer is not None and (ckpt / OPTIMIZER).is_file():
-        optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(state)
+        except Exception as err:  # truncated zip archive, pickle error, a state of another optimizer
+            raise _unreadable(ckpt / OPTIMIZER, run_dir, err) from None
     return meta

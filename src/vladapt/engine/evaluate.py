@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vladapt.engine.workers import unwrapped
+
 
 @dataclass
 class EvalResult:
@@ -39,7 +41,8 @@ def evaluate(predict: Callable[[Tensor], Tensor], loader: Iterable, num_classes:
              device: str | torch.device = "cpu", progress: bool = True, desc: str = "eval") -> EvalResult:
     """Run ``predict(images) -> logits [B, C]`` over ``loader`` yielding ``(images, labels)``."""
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(unwrapped(loader), desc=desc, disable=not progress, leave=False,
+               total=len(loader) if hasattr(loader, "__len__") else None)
     correct = total = 0
     for images, labels in bar:
         logits = predict(images.to(device))

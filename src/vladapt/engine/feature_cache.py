@@ -9,6 +9,10 @@ or seed, precision, or any image file (path, size or modification time) gives an
 entries are never read. Entries are ``<root>/<key[:2]>/<key>.safetensors`` holding one fp32 tensor
 ``features [N, E]`` and the key in the metadata, written to a temporary file and renamed into place;
 an entry that cannot be read or does not match its key (a torn or foreign file) is rebuilt.
+
+A cache folder that cannot be written (read-only, full disk, not a folder) does not stop a run: the
+first failed write prints one warning naming the folder, and from then on this cache keeps its
+entries in memory only (existing entries are still read).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class FeatureCache:
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = Path(root) if root is not None else None
         self._memory: dict[str, Tensor] = {}
+        self.write_failed = False  # set by the first failed write: later entries stay in memory only
         self.hits = 0
         self.misses = 0
 
@@ -91,7 +96,10 @@ class FeatureCache:
         if self.root is None:
             return None
         path = self.path(key)
-        if not path.is_file():
+        try:
+            if not path.is_file():
+                return None
+        except OSError:  # an unreadable folder: as if the entry were absent
             return None
         from safetensors import safe_open
 
@@ -105,7 +113,7 @@ class FeatureCache:
             return None
 
     def _write(self, key: str, value: Tensor, parts: dict[str, Any]) -> None:
-        if self.root is None:
+        if self.root is None or self.write_failed:
             return
         from safetensors.torch import save
 
@@ -113,4 +121,8 @@ class FeatureCache:
         try:
             atomic_write_bytes(self.path(key), save({"features": value}, metadata=meta))
         except OSError as err:  # a read-only or full disk must not stop a run: the features are in memory
-            warnings.warn(f"could not write the feature cache entry {self.path(key)} ({err})", stacklevel=3)
+            self.write_failed = True
+            reason = getattr(err, "reason", None) or err.strerror or str(err)
+            warnings.warn(f"cannot write the feature cache in {self.root} ({reason}); keeping features in memory "
+                          "for this run only (make the folder writable, or pass --feature-cache DIR or none)",
+                          stacklevel=3)

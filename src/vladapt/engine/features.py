@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from vladapt.data import DatasetSplits, Datum, ImageDataset
 from vladapt.engine.feature_cache import FeatureCache, files_fingerprint
+from vladapt.engine.workers import unwrapped
 
 
 class FrozenFeatures:
@@ -42,7 +43,8 @@ class FrozenFeatures:
     def _run(self, dataset: Dataset, desc: str) -> Tensor:
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers)
         feats = [self.backbone.model.encode_image(images.to(self.device)).float()
-                 for images, _ in tqdm(loader, desc=desc, disable=not self.progress, leave=False)]
+                 for images, _ in tqdm(unwrapped(loader), desc=desc, total=len(loader), disable=not self.progress,
+                                       leave=False)]
         return torch.cat(feats).cpu()
 
     def encode(self, items: list[Datum], image_root: Path, transform, desc: str, augment: tuple[int, int] | None = None

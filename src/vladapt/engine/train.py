@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +34,17 @@ from vladapt.data import DatasetSplits, Datum
 from vladapt.data.dataset import load_image
 from vladapt.engine import distributed as dist
 from vladapt.engine.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from vladapt.errors import ConfigError
-from vladapt.io import atomic_write_text
+from vladapt.engine.workers import unwrapped
+from vladapt.errors import ConfigError, VladaptError
+from vladapt.io import atomic_write_text, check_writable, dumps
 from vladapt.methods.base import StepInfo
 
-__all__ = ["StepInfo", "TrainConfig", "derive_seed", "epoch_batches", "fit", "lr_at_epoch", "lr_at_iteration"]
+__all__ = ["DivergedError", "StepInfo", "TrainConfig", "derive_seed", "epoch_batches", "fit", "lr_at_epoch",
+           "lr_at_iteration"]
+
+
+class DivergedError(VladaptError):
+    """Training produced a non-finite loss, gradient or weight; the run stops without a result."""
 
 
 @dataclass
@@ -195,8 +202,28 @@ def autocast_context(precision: str, device: str):
 def _read_log(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-            if r["epoch"] <= upto_epoch]
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as err:
+        raise VladaptError(f"training log {path} is unreadable ({err}); delete the run folder {path.parent} "
+                           "and train again (without --resume)") from None
+    return [r for r in rows if isinstance(r, dict) and r.get("epoch", upto_epoch + 1) <= upto_epoch]
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    tensors = [t for t in tensors if t is not None]
+    return not tensors or bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
+
+
+def _diverged(what: str, epoch: int, step: int, steps: int, cfg: TrainConfig, run_dir: Path | None) -> DivergedError:
+    """The one-line message of a diverged run: where, what is kept, what to do."""
+    kept = ""
+    if run_dir is not None:
+        kept = (f"; the checkpoint of epoch {epoch} in {run_dir / 'checkpoint'} is kept (no result was written)"
+                if epoch > 0 else "; no checkpoint or result was written")
+    return DivergedError(f"training diverged: {what} at epoch {epoch + 1}, step {step + 1}/{steps}{kept}; "
+                         f"lower the learning rate (train.lr={cfg.lr:g}, e.g. train.lr={cfg.lr / 10:g}) "
+                         "or set train.grad_clip and train again")
 
 
 def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str | Path | None = None,
@@ -205,7 +232,11 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
     """Train ``method`` on ``splits.train`` (labels index ``splits.classnames``); returns the epoch logs.
 
     With ``run_dir`` a checkpoint is written after every epoch and ``log.jsonl`` keeps one line per
-    epoch; ``resume=True`` continues from the checkpoint found there.
+    epoch (strict JSON); ``resume=True`` continues from the checkpoint found there (and sets
+    ``method.resumed_from_epoch`` to the checkpoint's epoch; 0 for a fresh run).
+
+    A non-finite loss, gradient or trained weight stops the run with :class:`DivergedError` naming the
+    epoch and step; the checkpoint of the last finished epoch stays as it was.
     """
     groups = method.param_groups()
     params = [p for g in groups for p in g["params"]]
@@ -222,6 +253,8 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
     precision = resolve_precision(cfg.precision, method.backbone_dtype)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None and dist.is_main():  # a read-only --out fails now, not after an epoch of compute
+        check_writable(run_dir, "run folder")
     backbone = method.backbone
     meta = {
         "method": method.registry_name,
@@ -245,6 +278,7 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
                                   "resume with the same command, or start a new run directory")
         start = done["epoch"]
         logs = _read_log(run_dir / "log.jsonl", start)
+    method.resumed_from_epoch = start
     transform = _train_transform(backbone, cfg)
     dataset = _SeededAugmentation(items, splits.image_root, transform, seed)
     # Feature-level methods train on the frozen features of each epoch's augmentation, encoded once
@@ -258,6 +292,9 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         epochs = math.ceil(total / per_epoch)
         meta["epochs"] = epochs
     warmup = cfg.warmup_epochs * per_epoch
+    if start and progress and dist.is_main():
+        left = f"{epochs - start} epoch(s) to go" if start < epochs else "training was already finished"
+        print(f"resumed from epoch {start} of {epochs} in {run_dir} ({left})", file=sys.stderr, flush=True)
     for epoch in range(start, epochs):
         lr = lr_at_epoch(cfg, epoch) if cfg.schedule == "epoch" else lr_at_iteration(cfg, epoch * per_epoch, total, warmup)
         _set_lr(optimizer, lr)
@@ -275,8 +312,8 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         t0 = time.perf_counter()
         loss_sum = correct = count = 0.0
         term_sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or not dist.is_main(),
-                   leave=False)
+        bar = tqdm(unwrapped(loader), desc=f"epoch {epoch + 1}/{epochs}", total=len(batches),
+                   disable=not progress or not dist.is_main(), leave=False)
         for step, (images, labels) in enumerate(bar):
             iteration = epoch * per_epoch + step
             if iteration >= total:
@@ -293,6 +330,14 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
                     out = method.feature_step(images.to(device), labels.to(device), info)
                 else:
                     out = method.training_step(images.to(device), labels.to(device), info)
+            local_finite = bool(torch.isfinite(out.loss.detach()).all())
+            loss_finite = local_finite
+            if world > 1:  # every rank stops at the same step
+                loss_finite = dist.all_sum([float(not local_finite)])[0] == 0
+            if not loss_finite:
+                what = ("the loss of another process is not finite" if local_finite
+                        else f"the loss is {float(out.loss.detach())}")
+                raise _diverged(what, epoch, step, len(batches), cfg, run_dir)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(out.loss).backward()
@@ -300,6 +345,9 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
             else:
                 out.loss.backward()
             dist.average_gradients(params)
+            # fp16: the scaler skips steps with overflowing gradients and lowers its scale; that is not divergence
+            if scaler is None and not _all_finite([p.grad for p in params]):
+                raise _diverged("a gradient is not finite", epoch, step, len(batches), cfg, run_dir)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if scaler is not None:
@@ -316,6 +364,8 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
                 term_sums[name] = term_sums.get(name, 0.0) + float(value) * n
             bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{100 * correct / count:.1f}", lr=f"{lr:.2e}")
         method.on_epoch_end(epoch)
+        if not _all_finite(params):
+            raise _diverged("a trained weight is not finite", epoch, len(batches) - 1, len(batches), cfg, run_dir)
         names = sorted(term_sums)
         loss_sum, correct, count, *term_values = dist.all_sum([loss_sum, correct, count, *(term_sums[k] for k in names)])
         seconds = time.perf_counter() - t0
@@ -327,7 +377,7 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         logs.append(record)
         if run_dir is not None and dist.is_main():
             save_checkpoint(run_dir, method, {**meta, "epoch": epoch + 1}, optimizer)
-            atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in logs))
+            atomic_write_text(run_dir / "log.jsonl", "".join(dumps(r) + "\n" for r in logs))
         dist.barrier()
     method.eval()
     return logs

@@ -216,6 +216,9 @@ def run_protocol(name: str, settings: RunSettings, dataset: str, shots: int, see
 
 
 def record_path(out_dir: Path, record: dict[str, Any]) -> Path:
-    """``<out>/<protocol>/<method>/<dataset>/shots_<K>-seed_<S>.json``."""
+    """``<out>/<protocol>/<method>/<dataset>/shots_<K>-seed_<S>.json``; the evaluation of a trained
+    checkpoint (a record naming its ``checkpoint``) is ``shots_<K>-seed_<S>.eval.json`` beside it, so
+    it never replaces the training record of the same run."""
+    kind = ".eval" if record.get("checkpoint") else ""
     return (Path(out_dir) / record["protocol"] / record["method"] / record["dataset"]
-            / f"shots_{record['shots']}-seed_{record['seed']}.json")
+            / f"shots_{record['shots']}-seed_{record['seed']}{kind}.json")
