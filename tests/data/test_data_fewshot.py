@@ -230,3 +230,12 @@ def test_cache_without_data_key_from_a_renamed_dataset_is_used(tmp_path: Path) -
     cache.write_text(json.dumps(raw))
     again = fewshot_splits(splits, 2, seed=4, cache_dir=tmp_path)
     assert (again.train, again.val) == (first.train, first.val)
+
+
+def test_an_unwritable_cache_folder_warns_and_draws_the_same_subset(tmp_path: Path) -> None:
+    splits = generated_splits({0: 5, 1: 6, 2: 4})
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # a cache folder below a file cannot be created (also as root)
+    with pytest.warns(UserWarning, match=r"few-shot split cache .*a_file/cache/shot_2-seed_3\.json cannot be written"):
+        few = fewshot_splits(splits, 2, seed=3, cache_dir=blocker / "cache")
+    assert few.train == fewshot_splits(splits, 2, seed=3).train and few.val == fewshot_splits(splits, 2, seed=3).val

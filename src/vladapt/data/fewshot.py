@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 from vladapt.data.base import DatasetSplits, Datum
 from vladapt.data.splitfile import DataProblems, parse_entries, split_json_text
 from vladapt.errors import DataError
-from vladapt.io import atomic_write_text
+from vladapt.io import WriteError, atomic_write_text
 
 #: The val split is sampled with min(K, VAL_SHOTS_CAP) shots, as in the CoOp-family dataset classes.
 VAL_SHOTS_CAP = 4
@@ -84,7 +85,11 @@ def fewshot_splits(
         val = sample_fewshot(splits.val, min(num_shots, VAL_SHOTS_CAP), rng)
         if path is not None:
             header = {"dataset": splits.name, "data": data_key(splits), "num_shots": num_shots, "seed": seed}
-            atomic_write_text(path, split_json_text({"train": train, "val": val}, header))
+            try:
+                atomic_write_text(path, split_json_text({"train": train, "val": val}, header))
+            except WriteError as err:  # the cache only saves a draw that the seed repeats exactly
+                warnings.warn(f"few-shot split cache {path} cannot be written ({err.reason}); continuing without "
+                              "it (the same subset is drawn from the seed next time)", stacklevel=2)
     return replace(splits, train=train, val=val, test=list(splits.test))
 
 
