@@ -55,6 +55,15 @@ def test_run_grid_writes_the_records_the_cli_writes(folder, tmp_path, capsys):
     assert not list(lib_out.rglob(".*.tmp"))
 
 
+def test_shots_below_one_are_refused_before_any_work(folder, tmp_path):
+    settings = RunSettings(backbone=vladapt.load_clip("vladapt-test-tiny"), root=folder, method="zeroshot",
+                           progress=False)
+    for shots in (0, -3, [2, 0]):
+        with pytest.raises(ConfigError, match="shots must be whole numbers of at least 1 image per class"):
+            run_grid(settings, "fewshot", "folder", shots=shots, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_only_the_main_process_writes(folder, tmp_path, monkeypatch):
     from vladapt.engine import distributed
 

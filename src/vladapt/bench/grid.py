@@ -54,6 +54,9 @@ def run_grid(settings: RunSettings, protocol: str, dataset: str, shots: int | Se
     if train_config is not None and checkpoint is not None:
         raise ConfigError("run_grid trains (train_config) or loads a checkpoint, not both")
     shots, seeds = ([x] if isinstance(x, int) else list(x) for x in (shots, seeds))
+    bad = [k for k in shots if not isinstance(k, int) or isinstance(k, bool) or k < 1]
+    if bad:
+        raise ConfigError(f"shots must be whole numbers of at least 1 image per class, got {bad}")
     out, main = Path(out), dist.is_main()
     if main:  # a read-only or impossible --out fails now, not after the first run's compute
         check_writable(out, "output folder")
