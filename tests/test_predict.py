@@ -79,6 +79,11 @@ def test_new_class_names_at_predict_time(trained):
     ref = reference_probabilities(run_dir, paths, new, split="new")
     for p, r in zip(probs, ref):
         assert np.allclose([p[c] for c in new], r.numpy(), atol=1e-5)
+    # an inference setting of the checkpoint's config can be changed: new classes at scale 0 are zero-shot HeBA
+    plain = Predictor.from_checkpoint(run_dir, classes=new, method_config={"new_eval_scale": 0.0})
+    assert plain.method.config.new_eval_scale == 0.0 and predictor.method.config.new_eval_scale != 0.0
+    zero = [dict(p["top"]) for p in plain.predict(paths, top_k=3).predictions]
+    assert not np.allclose([zero[0][c] for c in new], [probs[0][c] for c in new], atol=1e-4)
     predictor.set_classes(NAMES)
     assert predictor.method.split == "base"
     with pytest.raises(ConfigError, match="unique"):
@@ -176,6 +181,8 @@ def test_cli_predict_writes_json_and_csv_and_skips_bad_images(trained, tmp_path,
     assert main(["predict", "--zeroshot", "--model", "vladapt-test-tiny", "--classes", "red,green", str(folder),
                  "--quiet", "--output", str(tmp_path / "zs.json")]) == 0
     assert json.loads((tmp_path / "zs.json").read_text())["classes"] == ["red", "green"]
+    assert main(["predict", "--checkpoint", str(run_dir), str(folder), "--set", "train.lr=1"]) == 2
+    assert "--set takes method.KEY=VALUE" in capsys.readouterr().err
     assert main(["predict", "--zeroshot", str(folder)]) == 2
     assert "--zeroshot needs class names" in capsys.readouterr().err
     assert main(["predict", "--checkpoint", str(run_dir), str(folder), "--output", str(tmp_path / "p.txt")]) == 2

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an unreadable image stops the run (error, the default) or is skipped and reported (skip)")
     pr.add_argument("--max-pixels", type=_positive_int, default=None,
                     help="refuse larger images (decompression-bomb guard; default: about 89 megapixels)")
+    pr.add_argument("--set", action="append", default=[], dest="method_overrides", metavar="method.KEY=VALUE",
+                    help="change an inference setting of the checkpoint's method config, e.g. "
+                         "--set method.strict_descriptions=false (repeatable)")
     pr.add_argument("--batch-size", type=_positive_int, default=32)
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--quiet", action="store_true", help="no progress bar and no per-image lines")
@@ -395,23 +398,27 @@ def _class_list(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from vladapt.config import parse_overrides
+    from vladapt.errors import ConfigError
     from vladapt.predict import DEFAULT_MAX_PIXELS, Predictor
 
     classes = _class_list(args)
+    overrides = parse_overrides(args.method_overrides)
+    if set(overrides) - {"method"}:
+        raise ConfigError("--set takes method.KEY=VALUE (the checkpoint's method config), e.g. "
+                          "--set method.strict_descriptions=false")
+    if overrides and args.zeroshot:
+        raise ConfigError("--set changes a checkpoint's method config; it does not apply with --zeroshot")
     if args.output is not None and args.output.suffix.lower() not in (".csv", ".json"):
-        from vladapt.errors import ConfigError
-
         raise ConfigError(f"--output {args.output}: give a .csv or .json file name")
     common = {"device": args.device, "batch_size": args.batch_size, "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS}
     if args.zeroshot:
         if not classes:
-            from vladapt.errors import ConfigError
-
             raise ConfigError("--zeroshot needs class names: --classes cat,dog or --classes-file FILE")
         predictor = Predictor.zero_shot(classes, args.model or DEFAULT_MODEL, args.pretrained, **common)
     else:
         predictor = Predictor.from_checkpoint(args.checkpoint, classes, model=args.model, pretrained=args.pretrained,
-                                              **common)
+                                              method_config=overrides.get("method"), **common)
     result = predictor.predict(args.images, top_k=args.top_k, on_bad_image=args.on_bad_image,
                                progress=not args.quiet)
     if not args.quiet:

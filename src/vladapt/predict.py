@@ -188,12 +188,16 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, run_dir: str | Path, classes: Sequence[str] | None = None, *, model: str | None = None,
                         pretrained: str | None = None, device: str | torch.device = "cpu", batch_size: int = 32,
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> Predictor:
+                        max_pixels: int = DEFAULT_MAX_PIXELS, method_config: dict[str, Any] | None = None
+                        ) -> Predictor:
         """Load a run directory's checkpoint (``vladapt train`` writes one per run) and its backbone.
 
         ``model`` / ``pretrained`` replace the backbone name / weights recorded in the checkpoint (the
         weights must still be the ones it was trained with: their fingerprint is checked).
-        ``classes``: class names to predict over (default: the classes it was trained on)."""
+        ``classes``: class names to predict over (default: the classes it was trained on).
+        ``method_config``: keys that replace the checkpoint's method config, for settings that only
+        change inference (e.g. ``{"strict_descriptions": False}`` to give new classes without
+        descriptions the fallback prompt); a change of the weights' shapes is an error."""
         from vladapt.backbones import load_clip
         from vladapt.engine.checkpoint import load_checkpoint, read_meta
         from vladapt.methods import create_method
@@ -206,7 +210,8 @@ class Predictor:
         bb = meta["backbone"]
         backbone = load_clip(model or bb["name"], pretrained if pretrained is not None else bb.get("pretrained"),
                              device=device)
-        method = create_method(meta["method"], backbone, list(meta["classnames"]), meta["method_config"])
+        config = {**meta["method_config"], **(method_config or {})}
+        method = create_method(meta["method"], backbone, list(meta["classnames"]), config)
         method.set_classnames(list(meta["classnames"]), dataset=meta.get("dataset"), split="train")
         load_checkpoint(run_dir, method, backbone.fingerprint)
         predictor = cls(method, device=device, batch_size=batch_size, max_pixels=max_pixels,
