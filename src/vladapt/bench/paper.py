@@ -186,13 +186,16 @@ def tidy_rows(records: Iterable[dict[str, Any]], published: Published | None = N
             for ds, recs in sorted(by_ds.items()):
                 add(method, protocol, ds, shots, "accuracy",
                     *_stats([r["results"]["test"]["accuracy"] for r in recs]))
-    # few-shot averages over datasets, per method and shots
+    # few-shot averages over datasets, per method and shots: only where the method has every one of
+    # its few-shot datasets at that shot count (an average over fewer datasets would not compare)
     fs: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    fs_datasets: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         if row["protocol"] == "fewshot":
             fs[(row["method"], row["shots"])].append(row)
+            fs_datasets[row["method"]].add(row["dataset"])
     for (method, shots), rs in sorted(fs.items()):
-        if len(rs) > 1:
+        if len(rs) > 1 and len(rs) == len(fs_datasets[method]):
             add(method, "fewshot", "average", shots, "accuracy", mean(r["mean"] for r in rs), None,
                 min(r["n_seeds"] for r in rs), [r["dataset"] for r in rs])
     return rows
@@ -325,7 +328,8 @@ def build_tables(rows: list[dict[str, Any]], published: Published | None = None)
             t = Table(f"few-shot, {ds}" if ds != "average" else "few-shot, average over datasets",
                       ["method", *(f"{k} shots" for k in shots_all)])
             if ds == "average":
-                t.notes.append("Mean over the datasets of each method's per-dataset means at that shot count.")
+                t.notes.append("Mean over the datasets of each method's per-dataset means at that shot count; "
+                               "\"–\" where the method lacks one of its datasets at that shot count.")
             for m in sorted({r["method"] for r in fs if r["dataset"] == ds}):
                 t.rows.append([m, *(_cell(idx.get((m, "fewshot", ds, k, "accuracy"))) for k in shots_all)])
             tables.append(t)

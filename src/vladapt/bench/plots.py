@@ -158,10 +158,13 @@ def fewshot_curves(records: list[dict[str, Any]], path: str | Path) -> Path:
                 ks = sorted(per_k)
                 ys = [mean(per_k[k]) for k in ks]
                 err = [pstdev(per_k[k]) for k in ks]
-            else:  # mean over the datasets that have this method at that shot count
-                ks = sorted({k for d in datasets for k in acc[d].get(m, {})})
-                ys = [mean(mean(acc[d][m][k]) for d in datasets if k in acc[d].get(m, {})) for k in ks]
+            else:  # mean over the method's datasets, at the shot counts all of them have (as the report's table)
+                own = [d for d in datasets if m in acc[d]]
+                ks = sorted(k for k in {k for d in own for k in acc[d][m]} if all(k in acc[d][m] for d in own))
+                ys = [mean(mean(acc[d][m][k]) for d in own) for k in ks]
                 err = None
+                if len(own) < 2:
+                    ks = []
             if ks:
                 ax.errorbar(ks, ys, yerr=err, marker="o", ms=4, capsize=2, label=m, color=colors(i % 10))
         ax.set_xscale("log", base=2)
