@@ -335,3 +335,36 @@ def test_cli_report_without_records_names_the_folder(tmp_path, capsys):
     assert "no result records" in err and str(empty) in err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
+
+
+def test_published_averages_compare_only_over_the_benchmark_sets(tmp_path):
+    """MMA on the 11 base-to-new datasets and the 4 DG targets: the published averages (METHODS.md §4.6:
+    83.20 / 76.80 / 79.87, DG 60.48) appear with ours − published."""
+    from vladapt.bench.paper import B2N_DATASETS
+    from vladapt.protocols.metrics import DG_TARGETS
+
+    for ds in B2N_DATASETS:
+        write(tmp_path, {"method": "mma", "protocol": "base2new", "dataset": ds, "shots": 16, "seed": 1,
+                         "results": {"base": {"accuracy": 80.0}, "new": {"accuracy": 70.0}}})
+    for ds in ("eurosat", "dtd"):  # CoOp on 2 of the 11: its average is not the published one
+        write(tmp_path, {"method": "coop", "protocol": "base2new", "dataset": ds, "shots": 16, "seed": 1,
+                         "results": {"base": {"accuracy": 80.0}, "new": {"accuracy": 70.0}}})
+    accs = dict(zip(DG_TARGETS, (60.0, 50.0, 40.0, 70.0)))
+    write(tmp_path, {"method": "mma", "protocol": "dg", "dataset": "imagenet", "shots": 16, "seed": 1,
+                     "results": {"source": {"imagenet": {"accuracy": 72.0}},
+                                 "targets": {t: {"accuracy": a} for t, a in accs.items()}, "average": 55.0}})
+    paths = write_report(tmp_path, tmp_path / "out", formats=["csv"], published=True, plots=False)
+    rows = csv_rows(paths[0])
+    for metric, pub in (("base", 83.20), ("new", 76.80), ("hm_of_means", 79.87)):
+        r = rows[("mma", "base2new", "average", 16, metric)]
+        assert float(r["published"]) == pub and float(r["diff"]) == pytest.approx(float(r["mean"]) - pub)
+    assert rows[("mma", "base2new", "average", 16, "mean_of_hms")]["published"] == ""
+    assert float(rows[("mma", "base2new", "average", 16, "hm_of_means")]["mean"]) == pytest.approx(hm(80, 70))
+    r = rows[("coop", "base2new", "average", 16, "base")]
+    assert r["published"] == "" and r["diff"] == "" and "11" in r["published_source"]
+    assert float(rows[("coop", "base2new", "eurosat", 16, "base")]["published"]) == 92.19
+    r = rows[("mma", "dg", "average", 16, "average")]
+    assert float(r["published"]) == 60.48 and float(r["diff"]) == pytest.approx(55.0 - 60.48)
+    r = rows[("mma", "dg", "imagenet_r", 16, "accuracy")]
+    assert float(r["published"]) == 77.32 and float(r["diff"]) == pytest.approx(70.0 - 77.32)
+    assert float(rows[("mma", "dg", "imagenet", 16, "source_accuracy")]["published"]) == 71.00
