@@ -74,6 +74,11 @@ def results(tmp_path_factory) -> Path:
                 run_dir.joinpath("log.jsonl").write_text("".join(
                     json.dumps({"epoch": e + 1, "loss": loss + seed / 10, "accuracy": 50.0, "lr": 0.1}) + "\n"
                     for e, loss in enumerate(LOSSES)))
+    # an evaluation of coop's eurosat seed-1 checkpoint (vladapt eval --checkpoint): its own rows, no training curve
+    path = root / "base2new/coop/eurosat/shots_16-seed_1.eval.json"
+    path.write_text(json.dumps({"method": "coop", "protocol": "base2new", "dataset": "eurosat", "shots": 16, "seed": 1,
+                                "checkpoint": str(path.with_name("shots_16-seed_1") / "checkpoint"),
+                                "results": {"base": {"accuracy": 89.0}, "new": {"accuracy": 51.0}}}))
     for (method, ds), per_k in FEWSHOT.items():
         for shots, accs in per_k.items():
             for seed, acc in enumerate(accs, 1):
@@ -107,6 +112,7 @@ def test_csv_has_one_tidy_row_per_metric_with_hand_computed_numbers(report):
     for (m, ds) in B2N:
         expected |= {(m, "base2new", ds, 16, k) for k in ("base", "new", "hm")}
     expected |= {("coop", "base2new", "average", 16, k) for k in ("base", "new", "hm_of_means", "mean_of_hms")}
+    expected |= {("coop (checkpoint eval)", "base2new", "eurosat", 16, k) for k in ("base", "new", "hm")}
     for (m, ds), per_k in FEWSHOT.items():
         expected |= {(m, "fewshot", ds, k, "accuracy") for k in per_k}
     expected |= {("coop", "fewshot", "average", k, "accuracy") for k in (1, 4)}
@@ -132,6 +138,7 @@ def test_csv_has_one_tidy_row_per_metric_with_hand_computed_numbers(report):
         check((m, "base2new", ds, 16, "hm"), pmean(h), pstd(h), len(runs))
         if m == "coop":
             per_ds[ds] = (pmean(b), pmean(n))
+    check(("coop (checkpoint eval)", "base2new", "eurosat", 16, "base"), 89.0, 0.0, 1)
     mb, mn = pmean([b for b, _ in per_ds.values()]), pmean([n for _, n in per_ds.values()])
     check(("coop", "base2new", "average", 16, "base"), mb, None, 2)
     check(("coop", "base2new", "average", 16, "new"), mn, None, 2)

@@ -228,6 +228,8 @@ def report_plots(items: list[tuple[Path, dict[str, Any]]], out: str | Path) -> l
         paths.append(fewshot_curves(records, out / "fewshot_curves.png"))
     logs: dict[str, list] = defaultdict(list)
     for path, rec in items:
+        if rec.get("checkpoint"):  # an evaluation of a trained checkpoint: its training run is plotted already
+            continue
         log = run_log(path, rec)
         if log is None:
             continue
