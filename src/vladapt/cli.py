@@ -175,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="config overrides for the trained methods, e.g. train.epochs=5")
     demo.set_defaults(func=cmd_demo)
 
+    # --- vladapt report (paper-style tables and plots of a results folder) ---
+    rep = sub.add_parser("report", help="paper-style tables and plots of a results folder: Markdown, CSV, LaTeX and "
+                                        "one self-contained HTML page")
+    rep.add_argument("results", type=Path, metavar="RESULTS_DIR",
+                     help="folder holding result records (<protocol>/<method>/<dataset>/shots_K-seed_S.json)")
+    rep.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS_DIR/report)")
+    rep.add_argument("--formats", nargs="+", choices=["md", "csv", "tex", "html"], default=["md", "csv", "tex", "html"],
+                     help="report formats to write (default: all); the PNG plots are always written")
+    rep.add_argument("--published", action="store_true",
+                     help="add the published numbers (ViT-B/16, 16 shots, from the papers) and ours - published")
+    rep.set_defaults(func=cmd_report)
+
     synth = sub.add_parser("synth", help="the synthetic image-text world")
     synth_sub = synth.add_subparsers(dest="synth_command", metavar="SUBCOMMAND", required=True)
     pre = synth_sub.add_parser("pretrain", help="pretrain the tiny CLIP on the synthetic world (the bundled "
@@ -464,6 +476,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(result["report"])
     print(f"records in {args.out / 'records'}, table {args.out / 'report.md'}, chart {result['chart']} "
           f"({result['seconds'] / 60:.1f} min)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vladapt.bench.paper import write_report
+
+    for path in write_report(args.results, args.out, formats=args.formats, published=args.published):
+        print(path)
     return 0
 
 
