@@ -369,8 +369,11 @@ def execute(job: Job) -> dict[str, Any]:
         (job.run_dir / FAILED).unlink(missing_ok=True)
     from vladapt.bench.grid import result_summary
 
+    import torch
+
     return {**base, "status": "done", "summary": result_summary(record), "seconds": record.get("seconds", 0.0),
-            "resumed_from_epoch": record.get("resumed_from_epoch", 0)}
+            "resumed_from_epoch": record.get("resumed_from_epoch", 0), "pid": os.getpid(),
+            "threads": torch.get_num_threads(), "omp_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 def write_failure(job: Job, error: BaseException | str, trace: str, seconds: float) -> dict[str, Any]:
@@ -391,7 +394,6 @@ def write_failure(job: Job, error: BaseException | str, trace: str, seconds: flo
 def _run(job: Job) -> dict[str, Any]:
     from vladapt.bench.grid import run_grid
     from vladapt.config import to_dict
-    from vladapt.engine.checkpoint import checkpoint_dir
     from vladapt.engine.feature_cache import FeatureCache, default_cache_dir
     from vladapt.io import atomic_write_json
     from vladapt.protocols.runner import RunSettings
@@ -407,10 +409,28 @@ def _run(job: Job) -> dict[str, Any]:
         "train_config": to_dict(job.train_config) if job.train_config is not None else None,
         "backbone": {"model": job.model, "pretrained": job.pretrained, "precision": job.precision},
         "root": job.root, "targets": job.targets})
-    resume = job.train_config is not None and (checkpoint_dir(job.run_dir) / "meta.json").is_file()
+    resume = job.train_config is not None and _resumable(job)
     (record,) = run_grid(settings, job.protocol, job.dataset, [job.shots], [job.seed], job.out,
                          train_config=job.train_config, resume=resume, targets=job.targets, report=False)
     return record
+
+
+def _resumable(job: Job) -> bool:
+    """A checkpoint of this very run is in the run directory (same method and train config, seed and
+    dataset): the run was killed half-way and continues from it. A checkpoint of another config (a
+    failed run rerun with other overrides) is not resumed: the run starts again and replaces it."""
+    from vladapt.config import to_dict
+    from vladapt.engine.checkpoint import checkpoint_dir, read_meta
+
+    if not (checkpoint_dir(job.run_dir) / "meta.json").is_file():
+        return False
+    try:
+        meta = read_meta(job.run_dir)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint: train again from the start
+        return False
+    return (meta.get("method_config") == job.method_config and meta.get("train_config") == to_dict(job.train_config)
+            and meta.get("seed") == job.seed and meta.get("dataset") == job.dataset
+            and meta.get("shots", job.shots) == job.shots and meta.get("protocol", job.protocol) == job.protocol)
 
 
 # ---------------------------------------------------------------- executors (driver side)
