@@ -448,20 +448,28 @@ def _run_local(spec: BenchSpec, todo: list[Job]) -> Iterator[tuple[Job, dict[str
     pending = list(todo)
     while pending:
         batch, pending = pending, []
-        with ProcessPoolExecutor(max_workers=min(spec.workers, len(batch)), mp_context=mp.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(threads,)) as pool:
+        pool = ProcessPoolExecutor(max_workers=min(spec.workers, len(batch)), mp_context=mp.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(threads,))
+        try:
             futures = {pool.submit(execute, job): job for job in batch}
             for fut in as_completed(futures):
                 job = futures[fut]
                 try:
-                    yield job, fut.result()
+                    res = fut.result()
                 except BrokenProcessPool:
                     attempts[job.key] = attempts.get(job.key, 0) + 1
                     if attempts[job.key] < 2:
                         pending.append(job)
-                    else:
-                        yield job, _driver_failure(job, "the worker process died (killed or out of memory) twice "
-                                                        "while this run was queued or running")
+                        continue
+                    res = _driver_failure(job, "the worker process died (killed or out of memory) twice while "
+                                               "this run was queued or running")
+                yield job, res
+        except BaseException:  # Ctrl-C or the caller stopped: stop the workers too, leave no run going
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
 
 
 def _run_ray(spec: BenchSpec, todo: list[Job]) -> Iterator[tuple[Job, dict[str, Any]]]:
