@@ -140,6 +140,7 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(data, tmp_path, capsys):
     assert {k: v for k, v in snapshot(out).items() if k in zs} == zs
 
 
+@pytest.mark.slow  # subprocesses / a Ray instance: 25-65 s on a shared 2-core machine
 def test_a_killed_grid_resumes_without_lost_or_duplicated_records(data, tmp_path):
     out = tmp_path / "out"
     args = ["--methods", "coop", "--datasets", "synth_shapes", "--protocols", "fewshot", "--shots", "1", "--seeds",
@@ -178,6 +179,7 @@ def test_a_killed_grid_resumes_without_lost_or_duplicated_records(data, tmp_path
     assert not list(out.rglob(FAILED))  # (the kill may leave the temporary file of an unfinished write)
 
 
+@pytest.mark.slow  # subprocesses / a Ray instance: 25-65 s on a shared 2-core machine
 def test_two_grids_at_once_into_one_results_folder(data, tmp_path):
     out = tmp_path / "out"
     args = ["--methods", "zeroshot", "coop", "--datasets", "synth_shapes", "synth_counts", "--protocols", "fewshot",
@@ -195,6 +197,7 @@ def test_two_grids_at_once_into_one_results_folder(data, tmp_path):
     assert len(ran) == 8, outputs
 
 
+@pytest.mark.slow  # subprocesses / a Ray instance: 25-65 s on a shared 2-core machine
 def test_ray_executor_runs_the_grid(data, tmp_path):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install vladapt[ray])")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
