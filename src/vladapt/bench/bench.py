@@ -116,7 +116,10 @@ def make_spec(values: dict[str, Any]) -> BenchSpec:
     if values.get("root") is None:
         raise ConfigError("the grid needs the data root (--root DIR or 'root:' in the grid file)")
     v = {k: x for k, x in values.items() if x is not None}
-    v["root"], v["out"] = Path(v["root"]), Path(v.get("out", "runs"))
+    # absolute: worker processes and Ray tasks may not start in this directory
+    v["root"], v["out"] = Path(v["root"]).expanduser().absolute(), Path(v.get("out", "runs")).expanduser().absolute()
+    if v.get("feature_cache") and str(v["feature_cache"]).strip().lower() != "none":
+        v["feature_cache"] = str(Path(v["feature_cache"]).expanduser().absolute())
     for key in ("shots", "seeds"):
         if key in v:
             bad = [x for x in v[key] if not isinstance(x, int) or isinstance(x, bool)]
