@@ -16,7 +16,23 @@ methods). Resumability and safety:
   two grids writing into one results folder never run the same run twice at once.
 
 The grid is described by a :class:`BenchSpec`, built from command-line options or a YAML grid file
-(:func:`load_grid_file`, same keys as the options).
+(:func:`load_grid_file`, same keys as the options, ``-`` or ``_``; options given on the command line
+replace the file's values, and command-line ``KEY=VALUE`` overrides apply after the file's)::
+
+    methods: [heba, coop]
+    datasets: [synth_shapes, synth_counts]
+    protocols: [base2new, fewshot]
+    shots: [1, 4]
+    seeds: [1, 2, 3]
+    root: DATA                 # relative paths: from the current directory
+    out: RESULTS
+    config_name: demo          # each method's demo.yaml where vladapt ships one, else the protocol's config
+    overrides: [train.epochs=20]          # or a mapping {train.epochs: 20}; every run
+    method_overrides:                     # one method's runs only, after `overrides`
+      coop: [train.lr=0.01]
+    executor: local            # or ray (ray_address: auto / ray://HOST:10001; default a local instance)
+    workers: 2                 # local worker processes; threads per run default to cores // workers
+    model: vladapt-tiny        # also: pretrained, precision, device, feature_cache, targets, threads
 """
 
 from __future__ import annotations
