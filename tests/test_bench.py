@@ -58,7 +58,8 @@ EXPECTED = {f"fewshot/{m}/{d}/shots_1-seed_{s}.json" for m in ("zeroshot", "coop
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_local_grid_writes_every_run_and_a_rerun_skips_them(data, tmp_path, workers):
+def test_local_grid_writes_every_run_and_a_rerun_skips_them(data, tmp_path, workers, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the workers set their own thread count, whatever they inherit
     out, lines = tmp_path / "out", []
     result = run_bench(spec(data, out, workers=workers), echo=lines.append)
     assert result.ok and result.total == 8 and len(result.finished) == 8
