@@ -212,3 +212,51 @@ def test_ray_executor_runs_the_grid(data, tmp_path):
     assert set(records(out)) == EXPECTED
     assert "Ray (a local instance), 1 CPU(s) per run" in lines[0]
     assert len([ln for ln in lines if ln.startswith("[")]) == 8
+
+
+def _worker_pids() -> list[int]:
+    """The pool worker processes of this process (spawned children running spawn_main)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"spawn_main" in cmd:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.slow  # a worker process is killed mid-run: about 25 s
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc to find the worker processes")
+def test_a_killed_worker_process_is_replaced_and_its_run_resumes(data, tmp_path):
+    import threading
+
+    out = tmp_path / "out"
+    run = out / "fewshot/coop/synth_shapes"
+    killed = []
+
+    def kill_worker_mid_run():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            half = [d for d in run.glob("shots_1-seed_*") if (d / "checkpoint/meta.json").is_file()
+                    and not d.with_suffix(".json").exists()]
+            pids = _worker_pids()
+            if half and pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(half[0].name)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=kill_worker_mid_run)
+    thread.start()
+    lines = []
+    result = run_bench(spec(data, out, methods=["coop"], datasets=["synth_shapes"], workers=1,
+                            overrides=["train.epochs=8", "train.warmup_epochs=0"]), echo=lines.append)
+    thread.join()
+    assert killed, "no worker was killed"
+    assert result.ok and len(result.finished) == 2, lines  # the run of the killed worker ran again
+    assert set(records(out)) == {f"fewshot/coop/synth_shapes/shots_1-seed_{s}.json" for s in (1, 2)}
+    assert json.loads((run / f"{killed[0]}.json").read_text()).get("resumed_from_epoch", 0) >= 1
+    assert not list(out.rglob(FAILED))
