@@ -512,12 +512,26 @@ def _run_ray(spec: BenchSpec, todo: list[Job]) -> Iterator[tuple[Job, dict[str, 
             job = refs.pop(ready[0])
             try:
                 res = ray.get(ready[0])
-            except Exception as e:  # noqa: BLE001 - a crashed worker or a lost node
-                res = _driver_failure(job, f"Ray task failed: {type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - a crashed worker, a lost node, vladapt missing on a node
+                res = _driver_failure(job, _ray_error(e))
             yield job, res
     finally:
         if started:
             ray.shutdown()
+
+
+def _ray_error(e: BaseException) -> str:
+    """One line for a failed Ray task (its last ``SomeError: ...`` line), with a hint when a node
+    cannot import vladapt; the full Ray text follows on the next lines (kept in failed.json)."""
+    import re
+
+    text = str(e)
+    errors = re.findall(r"^\s*(\w+(?:Error|Exception|Exit)\b.*)$", text, re.M)
+    line = errors[-1].strip() if errors else text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    if "No module named 'vladapt" in text:
+        line += (" (the Ray workers cannot import vladapt: install the same vladapt on every node of the "
+                 "cluster, and keep --root and --out on a filesystem every node sees)")
+    return f"Ray task failed: {line}\n{type(e).__name__}: {text}"
 
 
 def _driver_failure(job: Job, message: str) -> dict[str, Any]:
