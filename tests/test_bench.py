@@ -202,7 +202,7 @@ def test_two_grids_at_once_into_one_results_folder(data, tmp_path):
 @pytest.mark.slow  # subprocesses / a Ray instance: 25-65 s on a shared 2-core machine
 def test_ray_executor_runs_the_grid(data, tmp_path):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install vladapt[ray])")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         out, lines = tmp_path / "out", []
         result = run_bench(spec(data, out, executor="ray", threads=1), echo=lines.append)

@@ -500,7 +500,8 @@ def _run_ray(spec: BenchSpec, todo: list[Job]) -> Iterator[tuple[Job, dict[str, 
         raise ConfigError(RAY_HINT) from None
     started = not ray.is_initialized()
     if started:
-        kwargs: dict[str, Any] = {"address": spec.ray_address, "log_to_driver": False}
+        # no address: a new local instance (never a cluster found by chance, e.g. one `ray start` left behind)
+        kwargs: dict[str, Any] = {"address": spec.ray_address or "local", "log_to_driver": False}
         if spec.ray_address is None:
             kwargs["include_dashboard"] = False
         ray.init(**kwargs)
