@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--published", action="store_true",
                      help="add the published numbers (ViT-B/16, 16 shots, from the papers) and ours - published")
     rep.set_defaults(func=cmd_report)
+    _add_bench_parser(sub)
 
     synth = sub.add_parser("synth", help="the synthetic image-text world")
     synth_sub = synth.add_subparsers(dest="synth_command", metavar="SUBCOMMAND", required=True)
@@ -485,6 +486,54 @@ def cmd_report(args: argparse.Namespace) -> int:
     for path in write_report(args.results, args.out, formats=args.formats, published=args.published):
         print(path)
     return 0
+# ---- vladapt bench (begin) ----
+def _add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="a resumable grid: methods x datasets x protocols x shots x seeds, on local "
+                                     "worker processes or a Ray cluster (one record per run; done runs are skipped)")
+    b.add_argument("--grid", type=Path, default=None,
+                   help="YAML grid file with the keys below (methods, datasets, protocols, shots, seeds, root, out, "
+                        "config_name, overrides, method_overrides, executor, workers, threads, ray_address, model, ...); "
+                        "options given here replace its values, KEY=VALUE overrides apply after its overrides")
+    b.add_argument("--methods", nargs="+", default=None, help="method names (see `vladapt info`)")
+    b.add_argument("--datasets", nargs="+", default=None, help="dataset names (synthetic ones are written if missing)")
+    b.add_argument("--protocols", nargs="+", default=None, choices=["base2new", "cross_dataset", "dg", "fewshot"])
+    b.add_argument("--shots", type=_positive_int, nargs="+", default=None, help="shots per class (default: 16)")
+    b.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (default: 1)")
+    b.add_argument("--root", type=Path, default=None, help="data root holding the dataset folders")
+    b.add_argument("--out", type=Path, default=None, help="results folder (default: runs)")
+    b.add_argument("--config-name", default=None, metavar="NAME",
+                   help="use each method's packaged NAME.yaml where vladapt ships one (e.g. demo), else the "
+                        "protocol's config")
+    b.add_argument("--executor", choices=["local", "ray"], default=None, help="where runs execute (default: local)")
+    b.add_argument("--workers", type=_positive_int, default=None,
+                   help="local worker processes running at once; with ray, used for the default --threads (default: 1)")
+    b.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads per run, and Ray CPUs per task (default: cores // workers)")
+    b.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
+    b.add_argument("--model", default=None, help=f"backbone (default: {DEFAULT_MODEL})")
+    b.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local weights file")
+    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    b.add_argument("--device", default=None, help="torch device (default: cpu)")
+    b.add_argument("--targets", nargs="+", default=None, help="override the target datasets of cross_dataset / dg")
+    b.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help="frozen-feature cache folder shared by the runs ('none': memory only)")
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run, e.g. train.epochs=5")
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vladapt.bench.bench import load_grid_file, make_spec, run_bench
+
+    values = load_grid_file(args.grid) if args.grid is not None else {}
+    for key in ("methods", "datasets", "protocols", "shots", "seeds", "root", "out", "config_name", "executor",
+                "workers", "threads", "ray_address", "model", "pretrained", "precision", "device", "targets",
+                "feature_cache"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    values["overrides"] = list(values.get("overrides") or []) + list(args.overrides)
+    result = run_bench(make_spec(values), echo=lambda line: print(line, flush=True))
+    return 0 if result.ok else 1
+# ---- vladapt bench (end) ----
 
 
 def cmd_synth_pretrain(args: argparse.Namespace) -> int:
