@@ -14,13 +14,13 @@ import base64
 import csv
 import html
 import io
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, pstdev
 from typing import Any, Iterable
 
+from vladapt.bench import report
 from vladapt.bench.report import label
 from vladapt.errors import DataError
 from vladapt.protocols.metrics import CROSS_DATASET_TARGETS, DG_TARGETS, average_base_new, harmonic_mean
@@ -46,27 +46,12 @@ def load_records_with_paths(results_dir: str | Path) -> list[tuple[Path, dict[st
     root = Path(results_dir)
     if not root.is_dir():
         raise DataError(f"results folder {root} does not exist (give the --out folder of vladapt train/eval/bench)")
-    out = []
-    for path in sorted(root.rglob("shots_*-seed_*.json")):
-        try:
-            rec = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"result file {path} is not valid JSON ({e}); delete it or rerun that run") from e
-        if isinstance(rec, dict) and {"method", "protocol", "dataset", "shots", "seed", "results"} <= set(rec):
-            out.append((path, rec))
+    keys = {"method", "protocol", "dataset", "shots", "seed", "results"}
+    out = [(p, r) for p, r in report.load_records_with_paths(root) if isinstance(r, dict) and keys <= set(r)]
     if not out:
         raise DataError(f"no result records in {root} (files <protocol>/<method>/<dataset>/shots_K-seed_S.json "
                         "written by vladapt train / eval / bench)")
     return out
-
-
-def run_log(path: Path, record: dict[str, Any]) -> Path | None:
-    """The run's ``log.jsonl``: in ``record['run_dir']``, or beside the record (results moved elsewhere)."""
-    candidates = []
-    if record.get("run_dir"):
-        candidates.append(Path(record["run_dir"]) / "log.jsonl")
-    candidates.append(path.parent / path.name.split(".")[0] / "log.jsonl")
-    return next((c for c in candidates if c.is_file()), None)
 
 
 # ----------------------------------------------------------------------------------------------- published

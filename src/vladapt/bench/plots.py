@@ -8,6 +8,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from vladapt.bench.report import label, run_log
 from vladapt.protocols.metrics import harmonic_mean
 
 
@@ -101,17 +102,13 @@ def _legend_below(fig, axes) -> None:
                    frameon=False)
 
 
-def _label(r: dict[str, Any]) -> str:
-    return f"{r['method']} (checkpoint eval)" if r.get("checkpoint") else r["method"]
-
-
 def base2new_scatter(records: list[dict[str, Any]], path: str | Path, title: str = "Base vs New") -> Path:
     """One point per method and dataset: mean Base (x) against mean New (y) over seeds."""
     plt = _pyplot()
     pts: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for r in records:
         if r["protocol"] == "base2new":
-            pts[(_label(r), r["dataset"])].append((r["results"]["base"]["accuracy"], r["results"]["new"]["accuracy"]))
+            pts[(label(r), r["dataset"])].append((r["results"]["base"]["accuracy"], r["results"]["new"]["accuracy"]))
     methods = sorted({m for m, _ in pts})
     datasets = sorted({d for _, d in pts})
     markers = "osD^v<>pP*Xh"
@@ -145,7 +142,7 @@ def fewshot_curves(records: list[dict[str, Any]], path: str | Path) -> Path:
     acc: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
         if r["protocol"] == "fewshot":
-            acc[r["dataset"]][_label(r)][r["shots"]].append(r["results"]["test"]["accuracy"])
+            acc[r["dataset"]][label(r)][r["shots"]].append(r["results"]["test"]["accuracy"])
     datasets = sorted(acc)
     methods = sorted({m for d in acc.values() for m in d})
     panels = datasets + (["average over datasets"] if len(datasets) > 1 else [])
@@ -189,15 +186,15 @@ def training_curves(runs: list[tuple[dict[str, Any], list[dict[str, Any]]]], pat
     for rec, lines in runs:
         by_ds[rec["dataset"]].append((rec, lines))
     datasets = sorted(by_ds)
-    methods = sorted({_label(rec) for rec, _ in runs})
+    methods = sorted({label(rec) for rec, _ in runs})
     colors = plt.get_cmap("tab10")
     fig, axes = _grid(plt, len(datasets))
     for ax, ds in zip(axes, datasets):
-        for rec, lines in sorted(by_ds[ds], key=lambda x: (_label(x[0]), x[0]["shots"], x[0]["seed"])):
+        for rec, lines in sorted(by_ds[ds], key=lambda x: (label(x[0]), x[0]["shots"], x[0]["seed"])):
             pts = [(line["epoch"], line["loss"]) for line in lines if "epoch" in line and "loss" in line]
             if pts:
-                ax.plot(*zip(*pts), color=colors(methods.index(_label(rec)) % 10), lw=1, alpha=0.8,
-                        label=_label(rec))
+                ax.plot(*zip(*pts), color=colors(methods.index(label(rec)) % 10), lw=1, alpha=0.8,
+                        label=label(rec))
         ax.set_title(ds, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
@@ -212,14 +209,12 @@ def report_plots(items: list[tuple[Path, dict[str, Any]]], out: str | Path) -> l
     """Every plot of ``vladapt report`` for ``[(record path, record)]``, written under ``out``."""
     import json
 
-    from vladapt.bench.paper import run_log
-
     out = Path(out)
     records = [r for _, r in items]
     paths = []
     b2n = [r for r in records if r["protocol"] == "base2new"]
     for shots in sorted({r["shots"] for r in b2n}):
-        sel = [dict(r, method=_label(r)) for r in b2n if r["shots"] == shots]
+        sel = [dict(r, method=label(r)) for r in b2n if r["shots"] == shots]
         paths.append(base2new_bar_chart(sel, out / f"base2new_bars_{shots}shots.png",
                                         title=f"base-to-new, {shots} shots (means over seeds)"))
         paths.append(base2new_scatter(sel, out / f"base2new_scatter_{shots}shots.png",

@@ -24,15 +24,29 @@ def label(record: dict[str, Any]) -> str:
     return f"{record['method']} (checkpoint eval)" if record.get("checkpoint") else record["method"]
 
 
-def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Every result record under ``out_dir`` (files named ``shots_*-seed_*.json`` and ``*.eval.json``)."""
-    records = []
+def load_records_with_paths(out_dir: str | Path) -> list[tuple[Path, Any]]:
+    """``[(path, record)]`` of every result file under ``out_dir`` (``shots_*-seed_*.json`` and ``*.eval.json``)."""
+    out = []
     for path in sorted(Path(out_dir).rglob("shots_*-seed_*.json")):
         try:
-            records.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
+            out.append((path, json.loads(path.read_text())))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"result file {path} is not valid JSON ({e}); delete it or rerun that run") from e
-    return records
+    return out
+
+
+def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every result record under ``out_dir`` (files named ``shots_*-seed_*.json`` and ``*.eval.json``)."""
+    return [record for _, record in load_records_with_paths(out_dir)]
+
+
+def run_log(path: Path, record: dict[str, Any]) -> Path | None:
+    """The run's ``log.jsonl``: in ``record['run_dir']``, or beside the record (results moved elsewhere)."""
+    candidates = []
+    if record.get("run_dir"):
+        candidates.append(Path(record["run_dir"]) / "log.jsonl")
+    candidates.append(path.parent / path.name.split(".")[0] / "log.jsonl")
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def _fmt(values: list[float]) -> str:
