@@ -27,22 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-from vladapt.bench.demo import demo_run_config
-from vladapt.engine.runconfig import packaged_config, resolve_run_config
+from vladapt.bench.bench import run_config
 from vladapt.methods import list_methods
 from vladapt.protocols.metrics import average_base_new
 
 DATASETS = ["synth_counts", "synth_shapes", "synth_textures"]
-
-
-def run_config(method: str, protocol: str, overrides: list[str]):
-    """(method config, train config or None) for a run of ``method`` through ``protocol`` on the demo."""
-    info = list_methods()[method]
-    if packaged_config(method, "demo") is not None:
-        method_cfg, train_cfg = demo_run_config(method, overrides)
-    else:
-        method_cfg, train_cfg = resolve_run_config(method, protocol, overrides=overrides)
-    return method_cfg, (train_cfg if info.trainable else None)
 
 
 def run(args) -> None:
@@ -50,7 +39,7 @@ def run(args) -> None:
     from vladapt.bench.grid import result_summary, run_grid
     from vladapt.engine.feature_cache import FeatureCache
     from vladapt.protocols.runner import RunSettings, record_path
-    from vladapt.synth.datasets import DESCRIPTIONS, write_dataset
+    from vladapt.synth.datasets import description_overrides, write_dataset
 
     root = args.out / "data"
     for name in args.datasets:
@@ -72,10 +61,8 @@ def run(args) -> None:
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done", flush=True)
     t0 = time.perf_counter()
     for i, (method, protocol, k, dataset, seed) in enumerate(todo, 1):
-        overrides = list(args.overrides)
-        if "descriptions" in registered[method].cls.Config.__dataclass_fields__:
-            overrides.insert(0, f"method.descriptions={root / dataset / DESCRIPTIONS}")
-        method_cfg, train_cfg = run_config(method, protocol, overrides)
+        overrides = description_overrides(registered[method].cls.Config, dataset, root) + list(args.overrides)
+        method_cfg, train_cfg = run_config(method, protocol, "demo", overrides)
         settings = RunSettings(backbone=backbone, root=root, method=method, method_config=method_cfg,
                                progress=False, feature_cache=features)
         (rec,) = run_grid(settings, protocol, dataset, [k], [seed], args.out / "records", train_config=train_cfg,

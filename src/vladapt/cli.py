@@ -319,10 +319,9 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace, backbone, method: str, method_config: dict):
     from vladapt.protocols.runner import RunSettings
 
-    from vladapt.engine.feature_cache import FeatureCache, default_cache_dir
+    from vladapt.engine.feature_cache import FeatureCache, cache_dir_option
 
-    where = getattr(args, "feature_cache", None)
-    root = default_cache_dir() if where is None else None if where.strip().lower() == "none" else Path(where)
+    root = cache_dir_option(getattr(args, "feature_cache", None))
     return RunSettings(backbone=backbone, root=args.root, method=method, method_config=method_config,
                        device=args.device, batch_size=args.batch_size, workers=args.workers,
                        progress=not args.quiet, feature_cache=FeatureCache(root))

@@ -233,7 +233,7 @@ def plan(spec: BenchSpec) -> tuple[list[Job], list[str]]:
     and the notes on (method, protocol) pairs skipped because the method is closed-set."""
     from vladapt.data import list_datasets
     from vladapt.methods import list_methods
-    from vladapt.synth.datasets import DATASETS as SYNTH, DESCRIPTIONS
+    from vladapt.synth.datasets import description_overrides
 
     registered = list_methods()
     unknown = [m for m in spec.methods if m not in registered]
@@ -258,9 +258,8 @@ def plan(spec: BenchSpec) -> tuple[list[Job], list[str]]:
             for dataset in spec.datasets:
                 overrides = list(spec.overrides)
                 given = any(o.startswith("method.descriptions=") for o in overrides + spec.method_overrides.get(method, []))
-                if dataset in SYNTH and "descriptions" in cls.Config.__dataclass_fields__ and not given:
-                    # the synthetic datasets ship their class descriptions (as the demo passes them)
-                    overrides.insert(0, f"method.descriptions={spec.root / dataset / DESCRIPTIONS}")
+                if not given:  # the synthetic datasets ship their class descriptions (as the demo passes them)
+                    overrides[:0] = description_overrides(cls.Config, dataset, spec.root)
                 overrides += spec.method_overrides.get(method, [])
                 method_cfg, train_cfg = run_config(method, protocol, spec.config_name, overrides)
                 for shots in spec.shots:
@@ -413,13 +412,12 @@ def write_failure(job: Job, error: BaseException | str, trace: str, seconds: flo
 def _run(job: Job) -> dict[str, Any]:
     from vladapt.bench.grid import run_grid
     from vladapt.config import to_dict
-    from vladapt.engine.feature_cache import FeatureCache, default_cache_dir
+    from vladapt.engine.feature_cache import FeatureCache, cache_dir_option
     from vladapt.io import atomic_write_json
     from vladapt.protocols.runner import RunSettings
 
     backbone = _backbone(job)
-    where = job.feature_cache
-    cache = default_cache_dir() if where is None else None if where.strip().lower() == "none" else Path(where)
+    cache = cache_dir_option(job.feature_cache)
     settings = RunSettings(backbone=backbone, root=Path(job.root), method=job.method, method_config=job.method_config,
                            device=job.device, progress=False, feature_cache=FeatureCache(cache))
     atomic_write_json(job.run_dir / "config.json", {

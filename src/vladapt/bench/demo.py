@@ -41,10 +41,10 @@ class DemoSettings:
 
 
 def demo_run_config(method: str, overrides: list[str]):
-    from vladapt.engine.runconfig import packaged_config, resolve_run_config
+    """(method config, TrainConfig) of a trainable method in the demo: its demo config, else base2new's."""
+    from vladapt.bench.bench import run_config
 
-    protocol = "demo" if packaged_config(method, "demo") is not None else "base2new"
-    return resolve_run_config(method, protocol, overrides=overrides)
+    return run_config(method, "base2new", "demo", overrides)
 
 
 def run_demo(s: DemoSettings) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     from vladapt.io import atomic_write_text
     from vladapt.methods import list_methods
     from vladapt.protocols.runner import RunSettings
-    from vladapt.synth.datasets import DATASETS, DESCRIPTIONS, write_dataset
+    from vladapt.synth.datasets import DATASETS, description_overrides, write_dataset
 
     t0 = time.perf_counter()
     registered = list_methods()
@@ -96,8 +96,8 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
         trainable = registered[method].trainable
         for dataset in datasets:
             overrides = list(s.overrides)
-            if trainable and "descriptions" in registered[method].cls.Config.__dataclass_fields__:
-                overrides.insert(0, f"method.descriptions={root / dataset / DESCRIPTIONS}")
+            if trainable:
+                overrides[:0] = description_overrides(registered[method].cls.Config, dataset, root)
             method_cfg, train_cfg = demo_run_config(method, overrides) if trainable else ({}, None)
             settings = RunSettings(backbone=backbone, root=root, method=method, method_config=method_cfg,
                                    device=s.device, progress=s.progress, feature_cache=features)

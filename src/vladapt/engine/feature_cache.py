@@ -41,6 +41,14 @@ def default_cache_dir() -> Path | None:
     return Path.home() / ".cache" / "vladapt" / "features"
 
 
+def cache_dir_option(where: str | None) -> Path | None:
+    """The cache folder a ``--feature-cache`` option names: ``None`` (not given) -> :func:`default_cache_dir`,
+    ``none`` -> no disk cache (``None``), else that folder."""
+    if where is None:
+        return default_cache_dir()
+    return None if where.strip().lower() == "none" else Path(where)
+
+
 def files_fingerprint(paths: Iterable[Path]) -> str:
     """SHA-256 over each file's path, size and modification time (in order): any change to a file
     changes it. Missing files are an error of the caller's data, reported by the loader, so they are

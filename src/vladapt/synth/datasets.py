@@ -143,6 +143,15 @@ DATASETS: dict[str, SynthDataset] = {
 }
 
 
+def description_overrides(config_cls: type, dataset: str, root: str | Path) -> list[str]:
+    """``["method.descriptions=<root>/<dataset>/descriptions.json"]`` when ``dataset`` is synthetic and a
+    method with config class ``config_cls`` takes a description bank (the synthetic datasets ship
+    CuPL-style descriptions); else ``[]``."""
+    if dataset in DATASETS and "descriptions" in getattr(config_cls, "__dataclass_fields__", {}):
+        return [f"method.descriptions={Path(root) / dataset / DESCRIPTIONS}"]
+    return []
+
+
 def get_dataset(name: str) -> SynthDataset:
     """The registered synthetic dataset ``name`` (a key of :data:`DATASETS`)."""
     try:
