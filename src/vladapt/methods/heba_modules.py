@@ -24,7 +24,7 @@ from vladapt.backbones import CLIPModel, ForwardContext, InsertionPoint, ScaledR
 from vladapt.errors import ConfigError
 from vladapt.methods.adapters import SlowFastScale, adapter_key, attach_modules, detach_modules
 
-__all__ = ["HEBA_POSITIONS", "HeBABottleneck", "HeBAPointAdapter", "SlowFastScale", "adapter_key",
+__all__ = ["HEBA_POSITIONS", "HeBABottleneck", "HeBAPointAdapter", "PointResidual", "SlowFastScale", "adapter_key",
            "attach_adapters", "build_heba_adapters", "detach_adapters"]
 
 HEBA_POSITIONS: tuple[str, ...] = ("attn_in", "mlp_hidden")
@@ -119,35 +119,30 @@ class HeBABottleneck(nn.Module):
         return f"width={self.width}, hidden={self.hidden}, spatial={self.spatial}"
 
 
-class HeBAPointAdapter(nn.Module):
-    """What HeBA attaches at one insertion point: ``R_s(h) = h + s * B(h)`` with a :class:`HeBABottleneck`.
+class PointResidual(nn.Module):
+    """``R_s(h) = h + s * branch(h)`` at one insertion point: the wrapper HeBA and LwEIB share.
 
-    Visual points (layout with a patch grid): the branch sees only the patch tokens (its depthwise
-    convolution works on their ``H x W`` grid); the CLS (prefix) tokens are passed through
-    bit-identically. Text points:
-    every token position (SOT, words, EOT, padding) goes through the token-wise branch.
+    ``make_branch(spatial)`` builds the branch; ``spatial`` is True at visual points (a layout with a
+    patch grid), where the branch sees only the patch tokens on their ``H x W`` grid and the CLS
+    (prefix) tokens are passed through bit-identically; at text points every token position (SOT,
+    words, EOT, padding) goes through the token-wise branch.
 
     The scale is ``ctx.scale(point)`` when the forward context provides one (training with
     :class:`SlowFastScale`), else :attr:`scale` (the evaluation / base scale). With scale 0 the input
     is returned unchanged (the same tensor).
     """
 
-    def __init__(self, point: InsertionPoint, reduction: int = 4, scale: float = 0.025,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(self, point: InsertionPoint, make_branch, scale: float) -> None:
         super().__init__()
-        if point.kind not in HEBA_POSITIONS:
-            raise ConfigError(f"HeBA adapters go at {list(HEBA_POSITIONS)} points, not at {point.name}")
         self.point = point
         # Only a layout with a patch grid (visual tower) gets the spatial branch and CLS pass-through.
         self.layout = point.layout if point.layout is not None and point.layout.grid is not None else None
         self.spatial = self.layout is not None
-        self.residual = ScaledResidual(
-            HeBABottleneck(point.width, spatial=self.spatial, reduction=reduction, generator=generator), scale
-        )
+        self.residual = ScaledResidual(make_branch(self.spatial), scale)
 
     @property
-    def bottleneck(self) -> HeBABottleneck:
-        return self.residual.branch  # type: ignore[return-value]
+    def branch(self) -> nn.Module:
+        return self.residual.branch
 
     @property
     def scale(self) -> float:
@@ -170,7 +165,7 @@ class HeBAPointAdapter(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             compute = x.dtype
         else:
-            compute = torch.promote_types(x.dtype, self.bottleneck.up.weight.dtype)
+            compute = torch.promote_types(x.dtype, next(self.branch.parameters()).dtype)
         if self.layout is None:
             return self.residual(x.to(compute), scale=s).to(x.dtype)
         p = self.layout.num_prefix
@@ -179,6 +174,22 @@ class HeBAPointAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"point={self.point.name}, scale={self.scale}"
+
+
+class HeBAPointAdapter(PointResidual):
+    """What HeBA attaches at one insertion point: :class:`PointResidual` with a :class:`HeBABottleneck`
+    (depthwise-conv bottleneck on the visual patch grid, linear bottleneck on text tokens)."""
+
+    def __init__(self, point: InsertionPoint, reduction: int = 4, scale: float = 0.025,
+                 generator: torch.Generator | None = None) -> None:
+        if point.kind not in HEBA_POSITIONS:
+            raise ConfigError(f"HeBA adapters go at {list(HEBA_POSITIONS)} points, not at {point.name}")
+        super().__init__(point, lambda spatial: HeBABottleneck(point.width, spatial=spatial, reduction=reduction,
+                                                               generator=generator), scale)
+
+    @property
+    def bottleneck(self) -> HeBABottleneck:
+        return self.residual.branch  # type: ignore[return-value]
 
 
 def build_heba_adapters(

@@ -60,10 +60,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vladapt.backbones import Backbone, ForwardContext, InsertionPoint, ScaledResidual
+from vladapt.backbones import Backbone, InsertionPoint
 from vladapt.errors import ConfigError
 from vladapt.methods.adapters import AdapterMethod, SlowFastScale, block_range, build_point_modules, check_towers
-from vladapt.methods.heba_modules import HEBA_POSITIONS
+from vladapt.methods.heba_modules import HEBA_POSITIONS, PointResidual
 from vladapt.methods.registry import register_method
 
 __all__ = ["LWEIB_POSITIONS", "DepthwiseConvBranch", "LwEIB", "LwEIBConfig", "LwEIBPointAdapter"]
@@ -131,62 +131,21 @@ class DepthwiseConvBranch(nn.Module):
         return f"width={self.width}, spatial={self.spatial}, kernel_size={self.kernel_size}, causal={self.causal}"
 
 
-class LwEIBPointAdapter(nn.Module):
-    """What LwEIB attaches at one point: ``R_s(h) = h + s * DWConv(h)`` with a :class:`DepthwiseConvBranch`.
-
-    The same wrapper as :class:`~vladapt.methods.heba_modules.HeBAPointAdapter` around another branch:
-    visual points adapt the patch tokens on their grid and pass the CLS (prefix) tokens through
-    bit-identically; text points adapt every position. The scale is ``ctx.scale(point)`` when the
-    forward context gives one (training, :class:`SlowFastScale`), else :attr:`scale`; with scale 0
-    the input is returned unchanged.
-    """
+class LwEIBPointAdapter(PointResidual):
+    """What LwEIB attaches at one point: :class:`~vladapt.methods.heba_modules.PointResidual`,
+    ``R_s(h) = h + s * DWConv(h)``, with a :class:`DepthwiseConvBranch` (the same wrapper as HeBA's
+    around another branch: visual points adapt the patch tokens on their grid and pass the CLS tokens
+    through bit-identically; text points adapt every position)."""
 
     def __init__(self, point: InsertionPoint, scale: float = 0.025, kernel_size: int = 3, text_conv: str = "symmetric",
                  generator: torch.Generator | None = None) -> None:
-        super().__init__()
         if point.kind not in LWEIB_POSITIONS:
             raise ConfigError(f"LwEIB adapters go at {list(LWEIB_POSITIONS)} points, not at {point.name}")
         if text_conv not in TEXT_CONVS:
             raise ConfigError(f"text_conv must be one of {list(TEXT_CONVS)}; got {text_conv!r}")
-        self.point = point
-        self.layout = point.layout if point.layout is not None and point.layout.grid is not None else None
-        self.spatial = self.layout is not None
-        branch = DepthwiseConvBranch(point.width, spatial=self.spatial, kernel_size=kernel_size,
-                                     causal=not self.spatial and text_conv == "causal", generator=generator)
-        self.residual = ScaledResidual(branch, scale)
-
-    @property
-    def branch(self) -> DepthwiseConvBranch:
-        return self.residual.branch  # type: ignore[return-value]
-
-    @property
-    def scale(self) -> float:
-        """The scale used when the forward context gives none (evaluation)."""
-        return self.residual.scale
-
-    @scale.setter
-    def scale(self, value: float) -> None:
-        self.residual.scale = float(value)
-
-    def forward(self, x: Tensor, ctx: ForwardContext | None = None) -> Tensor:
-        """Tokens ``[B, N, D]`` -> ``[B, N, D]`` in ``x``'s dtype."""
-        s = ctx.scale(self.point) if ctx is not None else None
-        if s is None:
-            s = self.scale
-        if s == 0.0:
-            return x
-        if torch.is_autocast_enabled(x.device.type):
-            compute = x.dtype
-        else:
-            compute = torch.promote_types(x.dtype, self.branch.conv.weight.dtype)
-        if self.layout is None:
-            return self.residual(x.to(compute), scale=s).to(x.dtype)
-        p = self.layout.num_prefix
-        patches = self.residual(x[:, p:].to(compute), scale=s, grid=self.layout.grid).to(x.dtype)
-        return torch.cat([x[:, :p], patches], dim=1)
-
-    def extra_repr(self) -> str:
-        return f"point={self.point.name}, scale={self.scale}"
+        super().__init__(point, lambda spatial: DepthwiseConvBranch(
+            point.width, spatial=spatial, kernel_size=kernel_size, causal=not spatial and text_conv == "causal",
+            generator=generator), scale)
 
 
 @dataclass
