@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from reference_models import open_clip_tiny
 from vladapt.backbones import LINEAR_POINT_KINDS, CLIPConfig, CLIPModel, ForwardContext, InsertionPoint, load_clip
@@ -85,6 +85,8 @@ def test_identity_modules_everywhere_change_nothing(tiny, images, tokens):
     params_before = [id(p) for p in m.parameters()]
     additive = ("block", "block_ln1", *LINEAR_POINT_KINDS)
     records = {p.name: Record(additive=p.kind in additive, out=p.width) for p in m.insertion_points()}
+    for r in records.values():
+        r.tokenwise = True  # each token alone: the image tower's last block may compute the CLS token only
     for p in m.insertion_points():
         m.attach(p, records[p.name])
     try:
@@ -377,3 +379,56 @@ def test_training_attention_path_equals_the_fused_kernel(causal):
         y[:, 1:] += 1.0
         with torch.enable_grad():
             assert torch.allclose(attn(y, causal=True)[:, 0], explicit[:, 0].detach(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- CLS-only last block
+def _last_block_seen(m: CLIPModel, images, **attrs) -> tuple[Tensor, int]:
+    """encode_image with a Record at the last visual block's mlp_hidden: (features, tokens it saw)."""
+    point = m.insertion_points("visual", "mlp_hidden", [m.num_layers("visual") - 1])[0]
+    rec = Record()
+    for k, v in attrs.items():
+        setattr(rec, k, v)
+    m.attach(point, rec)
+    try:
+        with torch.no_grad():
+            return m.encode_image(images), rec.seen[0].shape[1]
+    finally:
+        m.detach(point)
+
+
+def test_last_image_block_computes_only_the_cls_token_when_its_modules_allow(tiny, images):
+    m = tiny.model
+    n_tokens = 1 + m.visual.layout.grid[0] * m.visual.layout.grid[1]
+    full, seen = _last_block_seen(m, images)  # a module that declares nothing: every token is computed
+    assert seen == n_tokens
+    for attrs in ({"tokenwise": True}, {"prefix_passthrough": True}):
+        pruned, seen = _last_block_seen(m, images, **attrs)
+        assert seen == 1
+        assert pruned.shape == full.shape
+        torch.testing.assert_close(pruned, full, rtol=0, atol=2e-6)  # the same function, other matmul shapes
+    point = m.insertion_points("visual", "mlp_hidden", [m.num_layers("visual") - 1])[0]
+    rec = Record()
+    rec.tokenwise = True
+    m.attach(point, rec)
+    try:  # a pass that asks for every token (a frozen reference of a full pass) gets them
+        with torch.no_grad():
+            for wanted, tokens in ((False, n_tokens), (True, 1)):
+                ctx = ForwardContext()
+                ctx.cls_only_tail = wanted
+                m.encode_image(images, ctx)
+                assert ctx.used_cls_only_tail is wanted and rec.seen[-1].shape[1] == tokens
+    finally:
+        m.detach(point)
+    with torch.no_grad():  # nothing attached: the CLS-only tail, equal to the full computation
+        x = m.visual.embed(images)
+        ctx = ForwardContext()
+        everything = m.visual.transformer(x, ctx)
+        tail = m.visual.transformer(x, ctx, keep=1)
+    assert tail.shape[1] == 1 and everything.shape[1] == n_tokens
+    torch.testing.assert_close(tail, everything[:, :1], rtol=0, atol=2e-6)
+
+
+def test_text_attention_refuses_a_query_subset(tiny):
+    blk = tiny.model.transformer.resblocks[0]
+    with pytest.raises(BackboneError, match="non-causal"):
+        blk.attn(torch.randn(1, 5, tiny.model.cfg.text.width), causal=True, queries=1)

@@ -25,8 +25,9 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
                         "(OpenAI TorchScript .pt, state dict or .safetensors); default: the model's own weights "
                         "(random for test configs)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="storage precision of the frozen backbone (default: %(default)s)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="precision of the frozen backbone and of autocast (default: %(default)s: bf16 on GPUs and "
+                        "on CPUs with native bf16 instructions, fp16 on older GPUs, else fp32)")
 
 
 def _positive_int(text: str) -> int:
@@ -60,10 +61,11 @@ def _add_protocol_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _dtype(precision: str):
-    import torch
+def _dtype(args: argparse.Namespace):
+    """The backbone's storage dtype for ``--precision`` (``auto``: the fastest one on ``--device``)."""
+    from vladapt.engine.precision import precision_dtype, resolve_precision
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return precision_dtype(resolve_precision(args.precision, args.device))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,13 +272,14 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     from vladapt.backbones import load_clip
     from vladapt.data import ImageDataset
     from vladapt.engine import evaluate
+    from vladapt.engine.precision import precision_name
     from vladapt.io import atomic_write_json
     from vladapt.methods import create_method
 
     t0 = time.perf_counter()
     name, dataset_key, image_root, items, classnames = _eval_items(args)
     backbone = load_clip(args.model or DEFAULT_MODEL, args.pretrained, device=args.device,
-                         dtype=_dtype(args.precision))
+                         dtype=_dtype(args))
     method = create_method("zeroshot", backbone, classnames,
                            {"templates": args.templates, "dataset": None if dataset_key == "folder" else dataset_key})
     method.progress = not args.quiet
@@ -287,7 +290,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
         "vladapt_version": __version__,
         "method": "zeroshot",
         "backbone": {"name": backbone.name, "pretrained": backbone.pretrained, "fingerprint": backbone.fingerprint,
-                     "precision": args.precision},
+                     "precision": precision_name(backbone.model.dtype)},
         "data": {"source": str(args.folder) if args.folder is not None else f"{args.dataset}:{args.split}",
                  "num_images": len(items), "num_classes": len(classnames)},
         "templates": method.templates,
@@ -355,7 +358,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.protocol is None or args.dataset is None:
             raise ConfigError("eval needs --protocol and --dataset (or --checkpoint RUN_DIR)")
         backbone = load_clip(args.model or DEFAULT_MODEL, args.pretrained, device=args.device,
-                             dtype=_dtype(args.precision))
+                             dtype=_dtype(args))
         settings = _settings(args, backbone, args.method, overrides.get("method", {}))
         _run_grid(args, settings, args.protocol, args.dataset, args.shots or [16], args.seeds or [1])
         return 0
@@ -366,7 +369,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     same = args.model is None or args.model == bb["name"]
     backbone = load_clip(bb["name"] if same else args.model,
                          (bb["pretrained"] if same else None) if args.pretrained is None else args.pretrained,
-                         device=args.device, dtype=_dtype(args.precision))
+                         device=args.device, dtype=_dtype(args))
     settings = _settings(args, backbone, meta["method"], meta["method_config"])
     _run_grid(args, settings, args.protocol or meta["protocol"], args.dataset or meta["dataset"],
               args.shots or [meta["shots"]], args.seeds or [meta["seed"]], checkpoint=args.checkpoint)
@@ -381,7 +384,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     dist.init_distributed(args.device)
     method_config, train_config = resolve_run_config(args.method, args.protocol, args.config, args.overrides)
     backbone = load_clip(args.model or DEFAULT_MODEL, args.pretrained, device=args.device,
-                         dtype=_dtype(args.precision))
+                         dtype=_dtype(args))
     settings = _settings(args, backbone, args.method, method_config)
     _run_grid(args, settings, args.protocol, args.dataset, args.shots or [16], args.seeds or [1],
               train_config=train_config, resume=args.resume)
@@ -511,7 +514,8 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
     b.add_argument("--model", default=None, help=f"backbone (default: {DEFAULT_MODEL})")
     b.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local weights file")
-    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    b.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="backbone precision (default: auto, chosen on each worker's machine)")
     b.add_argument("--device", default=None, help="torch device (default: cpu)")
     b.add_argument("--targets", nargs="+", default=None, help="override the target datasets of cross_dataset / dg")
     b.add_argument("--feature-cache", default=None, metavar="DIR",

@@ -128,7 +128,9 @@ def test_each_term_switched_off_contributes_exactly_zero(tiny, batch, off):
     assert all(v > 0 for v in full.extras.values())
     part = rmadapter(tiny, **{f"{off}_weight": 0.0}).training_step(images, labels, StepInfo.single(labels))
     assert off not in part.extras
-    assert part.extras == pytest.approx({k: v for k, v in full.extras.items() if k != off}, rel=1e-6)
+    # rel 1e-5: without the visual reconstruction loss the image tower's last block computes only the
+    # CLS token (Block.keeps_prefix), which changes the last bits of the image features
+    assert part.extras == pytest.approx({k: v for k, v in full.extras.items() if k != off}, rel=1e-5)
     assert float(part.loss.detach()) == pytest.approx(sum(part.extras.values()), rel=1e-6)
 
 

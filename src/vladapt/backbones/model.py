@@ -172,9 +172,11 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: Tensor, causal: bool = False, attached: Mapping[str, nn.Module] | None = None,
-                ctx: ForwardContext | None = None) -> Tensor:
+                ctx: ForwardContext | None = None, queries: int | None = None) -> Tensor:
         """``[B, N, D]`` -> ``[B, N, D]``; ``attached`` may hold the block's ``attn_q``/``attn_k``/
-        ``attn_v``/``attn_out`` modules, whose deltas are added to those projections' outputs."""
+        ``attn_v``/``attn_out`` modules, whose deltas are added to those projections' outputs.
+        ``queries = q``: only the outputs of the first ``q`` positions (``[B, q, D]``; keys and values
+        still come from all ``N``)."""
         b, n, d = x.shape
         x = x.contiguous()
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
@@ -187,7 +189,11 @@ class Attention(nn.Module):
                 if key in attached else t
                 for key, t in (("attn_q", q), ("attn_k", k), ("attn_v", v))
             )
-        if x.device.type == "cpu" and torch.is_grad_enabled() and n <= 256:
+        if queries is not None and queries < n:
+            if causal:
+                raise BackboneError("attention over a subset of queries is for the non-causal image tower")
+            q, n = q[:, :, :queries], queries
+        if x.device.type == "cpu" and torch.is_grad_enabled() and k.shape[2] <= 256:
             # Training through the block on a CPU: for CLIP's short sequences, explicit attention
             # (softmax in fp32) runs forward + backward ~1.5x faster than the flash kernel.
             scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
@@ -238,14 +244,32 @@ class Block(nn.Module):
         # backbone's state dict and parameter list stay exactly those of the frozen CLIP.
         self.attached: dict[str, nn.Module] = {}
 
-    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+    # Points whose modules see the block's token-wise path after attention; with ``queries`` set
+    # they get only the kept positions (see :meth:`keeps_prefix`).
+    _AFTER_ATTENTION = ("block_ln1", "attn_out", "mlp_fc", "mlp_hidden", "mlp_proj", "block", "block_out")
+
+    def keeps_prefix(self) -> bool:
+        """Whether the block may compute only its first positions' outputs (``forward(queries=q)``)
+        with its attached modules: each module after the attention declares that it acts on every
+        token alone (``tokenwise = True``: a linear map, a LoRA delta) or passes the prefix (CLS)
+        tokens through unchanged (``prefix_passthrough = True``: HeBA's spatial adapters). A module
+        that mixes tokens or records something over all of them (RMAdapter's reconstruction loss)
+        declares neither, and the block then computes every position."""
+        return all(getattr(m, "tokenwise", False) or getattr(m, "prefix_passthrough", False)
+                   for k, m in self.attached.items() if k in self._AFTER_ATTENTION)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, queries: int | None = None) -> Tensor:
+        """``[B, N, D]`` -> ``[B, N, D]``; ``queries = q``: only the first ``q`` positions' outputs
+        ``[B, q, D]`` (the caller checks :meth:`keeps_prefix`; attention still reads all ``N``)."""
         attached = self.attached
         h = self.ln_1(x)
+        xq = x if queries is None else x[:, :queries]
         # the parallel branch fed with LN1(x) sees the unmodified attention input
-        parallel = attached["block_ln1"](h, ctx) if "block_ln1" in attached else None
+        parallel = (attached["block_ln1"](h if queries is None else h[:, :queries], ctx)
+                    if "block_ln1" in attached else None)
         if "attn_in" in attached:
             h = attached["attn_in"](h, ctx).to(h.dtype)
-        y = x + self.attn(h, causal=self.causal, attached=attached, ctx=ctx)
+        y = xq + self.attn(h, causal=self.causal, attached=attached, ctx=ctx, queries=queries)
         h = self.ln_2(y)
         u = self.mlp.c_fc(h)
         if "mlp_fc" in attached:
@@ -258,7 +282,7 @@ class Block(nn.Module):
             m = m + attached["mlp_proj"](a, ctx).to(m.dtype)
         y = y + m
         if "block" in attached:
-            y = y + attached["block"](x, ctx).to(y.dtype)
+            y = y + attached["block"](xq, ctx).to(y.dtype)
         if parallel is not None:
             y = y + parallel.to(y.dtype)
         if "block_out" in attached:
@@ -275,8 +299,15 @@ class Transformer(nn.Module):
             [Block(width, heads, mlp_ratio, quick_gelu, tower, i, layout) for i in range(layers)]
         )
 
-    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
-        for block in self.resblocks:
+    def forward(self, x: Tensor, ctx: ForwardContext, keep: int | None = None) -> Tensor:
+        """``keep = q``: the caller reads only the first ``q`` positions of the output (the image
+        tower's CLS token), so the last block computes only theirs when its modules allow it
+        (:meth:`Block.keeps_prefix`): the MLP and the attention queries of the other positions
+        affect nothing downstream. The result is ``[B, q, D]`` then, else ``[B, N, D]``."""
+        last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            if i == last and keep is not None and block.keeps_prefix():
+                return block(x, ctx, queries=keep)
             x = block(x, ctx)
         return x
 
@@ -314,7 +345,10 @@ class VisionTower(nn.Module):
         return self.ln_pre(x)
 
     def forward(self, images: Tensor, ctx: ForwardContext) -> Tensor:
-        x = self.transformer(self.embed(images), ctx)
+        # Only the CLS token is pooled: the last block computes the other tokens' keys and values
+        # but not their outputs (when its attached modules allow it).
+        x = self.transformer(self.embed(images), ctx, keep=1 if ctx.cls_only_tail else None)
+        ctx.used_cls_only_tail = x.shape[1] == 1
         # LN is per token, so normalizing only the CLS token equals open_clip's LN-all-then-pool.
         feats = self.ln_post(x[:, 0]) @ self.proj
         if "output" in self.attached:

@@ -143,6 +143,10 @@ class ForwardContext:
       loss), read back with :attr:`aux_losses` / :meth:`total_aux_loss`.
     * ``text_valid``: set by the text tower for its blocks, ``[B, N]`` bool, True at the positions
       up to and including each prompt's EOT (the rest is padding), for modules that reduce over tokens.
+    * ``cls_only_tail`` (in): whether the image tower's last block may compute only the CLS token
+      when its attached modules allow it (default True; see ``Block.keeps_prefix``);
+      ``used_cls_only_tail`` (out): whether it did, set by the image tower. A second pass that must
+      equal this one bit for bit (a frozen reference pass) sets its ``cls_only_tail`` to it.
     """
 
     def __init__(self, scale_fn: ScaleFn | None = None) -> None:
@@ -150,6 +154,8 @@ class ForwardContext:
         self._scales: dict[tuple[str, int | None], float] = {}
         self.aux_losses: list[tuple[InsertionPoint, Tensor]] = []
         self.text_valid: Tensor | None = None
+        self.cls_only_tail = True
+        self.used_cls_only_tail: bool | None = None
 
     def scale(self, point: InsertionPoint) -> float | None:
         if self._scale_fn is None:

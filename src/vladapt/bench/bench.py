@@ -75,7 +75,7 @@ class BenchSpec:
     ray_address: str | None = None
     model: str = "vladapt-tiny"
     pretrained: str | None = None
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: chosen per worker machine (vladapt.engine.precision); recorded resolved
     device: str = "cpu"
     feature_cache: str | None = None  # None: $VLADAPT_FEATURE_CACHE or ~/.cache/vladapt/features; "none"
     targets: list[str] | None = None
@@ -155,6 +155,10 @@ def make_spec(values: dict[str, Any]) -> BenchSpec:
     bad = [p for p in spec.protocols if p not in PROTOCOLS]
     if bad:
         raise ConfigError(f"unknown protocol {bad[0]!r}; choose from {list(PROTOCOLS)}")
+    from vladapt.engine.precision import PRECISIONS
+
+    if spec.precision not in PRECISIONS:
+        raise ConfigError(f"precision {spec.precision!r} is not one of {list(PRECISIONS)}")
     return spec
 
 
@@ -355,11 +359,10 @@ def _set_threads(threads: int) -> None:
 def _backbone(job: Job):
     key = (job.model, job.pretrained, job.device, job.precision)
     if key not in _BACKBONES:
-        import torch
-
         from vladapt.backbones import load_clip
+        from vladapt.engine.precision import precision_dtype, resolve_precision
 
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[job.precision]
+        dtype = precision_dtype(resolve_precision(job.precision, job.device))
         _BACKBONES[key] = load_clip(job.model, job.pretrained, device=job.device, dtype=dtype)
     return _BACKBONES[key]
 
@@ -413,6 +416,7 @@ def _run(job: Job) -> dict[str, Any]:
     from vladapt.bench.grid import run_grid
     from vladapt.config import to_dict
     from vladapt.engine.feature_cache import FeatureCache, cache_dir_option
+    from vladapt.engine.precision import precision_name
     from vladapt.io import atomic_write_json
     from vladapt.protocols.runner import RunSettings
 
@@ -424,7 +428,8 @@ def _run(job: Job) -> dict[str, Any]:
         "method": job.method, "protocol": job.protocol, "dataset": job.dataset, "shots": job.shots, "seed": job.seed,
         "method_config": job.method_config,
         "train_config": to_dict(job.train_config) if job.train_config is not None else None,
-        "backbone": {"model": job.model, "pretrained": job.pretrained, "precision": job.precision},
+        "backbone": {"model": job.model, "pretrained": job.pretrained,
+                     "precision": precision_name(backbone.model.dtype)},
         "root": job.root, "targets": job.targets})
     resume = job.train_config is not None and _resumable(job)
     (record,) = run_grid(settings, job.protocol, job.dataset, [job.shots], [job.seed], job.out,

@@ -34,6 +34,7 @@ from vladapt.data import DatasetSplits, Datum
 from vladapt.data.dataset import load_image
 from vladapt.engine import distributed as dist
 from vladapt.engine.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from vladapt.engine.precision import precision_name
 from vladapt.engine.workers import unwrapped
 from vladapt.errors import ConfigError, VladaptError
 from vladapt.io import atomic_write_text, check_writable, dumps
@@ -183,11 +184,13 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group["lr_scale"]
 
 
-def resolve_precision(precision: str, backbone_dtype: torch.dtype) -> str:
-    """``auto``: autocast in the precision the frozen backbone is stored in (fp32 master weights)."""
+def train_precision(precision: str, backbone_dtype: torch.dtype) -> str:
+    """``auto``: autocast in the precision the frozen backbone is stored in (fp32 master weights);
+    the storage precision is what :func:`vladapt.engine.precision.auto_precision` chose for the
+    machine when the backbone was loaded with ``precision auto``."""
     if precision != "auto":
         return precision
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(backbone_dtype, "fp32")
+    return precision_name(backbone_dtype) if backbone_dtype in (torch.bfloat16, torch.float16) else "fp32"
 
 
 def autocast_context(precision: str, device: str):
@@ -250,7 +253,8 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
         raise ConfigError(f"{len(items)} training images cannot be split over {world} processes")
     method.set_classnames(splits.classnames, split="train")
     optimizer = build_optimizer(cfg, groups)
-    precision = resolve_precision(cfg.precision, method.backbone_dtype)
+    precision = train_precision(cfg.precision, method.backbone_dtype)
+    method.train_precision = precision  # the result record names it
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None and dist.is_main():  # a read-only --out fails now, not after an epoch of compute

@@ -140,6 +140,12 @@ class LoRADelta(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(point.width, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default; B = 0
 
+    @property
+    def tokenwise(self) -> bool:
+        """Each token alone, except that training-time dropout draws one mask over all tokens (their
+        number must not change the random stream)."""
+        return not self.training or self.dropout == 0.0
+
     def delta_weight(self) -> Tensor:
         """``scaling * B A`` ``[d_out, d_in]``: what LoRA adds to the map's weight."""
         return self.scaling * self.lora_B @ self.lora_A

@@ -139,6 +139,10 @@ class PointResidual(nn.Module):
         self.layout = point.layout if point.layout is not None and point.layout.grid is not None else None
         self.spatial = self.layout is not None
         self.residual = ScaledResidual(make_branch(self.spatial), scale)
+        # What the backbone may skip (Block.keeps_prefix): a spatial adapter passes the CLS tokens
+        # through unchanged, a token-wise one treats every token alone.
+        self.prefix_passthrough = self.spatial
+        self.tokenwise = not self.spatial
 
     @property
     def branch(self) -> nn.Module:
@@ -169,8 +173,20 @@ class PointResidual(nn.Module):
         if self.layout is None:
             return self.residual(x.to(compute), scale=s).to(x.dtype)
         p = self.layout.num_prefix
+        if x.shape[1] == p:  # only the prefix tokens (the last block's CLS-only tail): passed through
+            return self._zero_gradient_edge(x)
         patches = self.residual(x[:, p:].to(compute), scale=s, grid=self.layout.grid).to(x.dtype)
         return torch.cat([x[:, :p], patches], dim=1)
+
+    def _zero_gradient_edge(self, x: Tensor) -> Tensor:
+        """``x`` unchanged, tied (times 0) to the branch's trainable weights when gradients are on:
+        in the full computation the patch tokens of the last block reach nothing, so these weights
+        get an exact zero gradient, and they keep getting one (weight decay and momentum then
+        treat them as before) rather than none."""
+        params = [w for w in self.branch.parameters() if w.requires_grad]
+        if not torch.is_grad_enabled() or not params:
+            return x
+        return x + (torch.stack([w.sum() for w in params]).sum() * 0.0).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"point={self.point.name}, scale={self.scale}"

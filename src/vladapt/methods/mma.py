@@ -70,6 +70,8 @@ class MMABranch(nn.Module):
     :attr:`scale`; with scale 0 the branch adds exactly zero.
     """
 
+    tokenwise = True  # each token alone (the backbone may skip tokens nothing reads: Block.keeps_prefix)
+
     def __init__(self, point: InsertionPoint, dim: int, scale: float, shared: nn.Linear | None,
                  activation: str = "relu") -> None:
         super().__init__()

@@ -81,6 +81,11 @@ class RMABranch(MMABranch):
         self.reconstruct = reconstruct
         self.compute_loss = compute_loss
 
+    @property
+    def tokenwise(self) -> bool:  # type: ignore[override]
+        """The loss of its input is a mean over every token: all of them must be computed."""
+        return not (self.training and self.compute_loss and self.reconstruct == "input")
+
     def reconstruction_loss(self, t: Tensor, valid: Tensor | None = None) -> Tensor:
         """``mean((rec(t) - t)^2)`` of a detached ``t [B, N, D]`` in fp32, over the positions where
         ``valid [B, N]`` is True (text: up to each prompt's EOT, so padding and the batch's longest
@@ -109,6 +114,12 @@ class OutputReconstruction(nn.Module):
         super().__init__()
         self.point = point
         self._branch = [branch]  # a reference: the parameters belong to the branch
+
+    @property
+    def tokenwise(self) -> bool:
+        """An identity on the tokens; in training its loss is a mean over every token of the block output."""
+        branch = self._branch[0]
+        return not (branch.training and branch.compute_loss)
 
     def forward(self, y: Tensor, ctx: ForwardContext | None = None) -> Tensor:
         branch = self._branch[0]
@@ -155,7 +166,10 @@ class RMAdapter(MMA):
         if cfg.con_image_weight > 0:
             # The frozen backbone needs no graph; computing it in the step's grad mode keeps the attention
             # path of the adapted forward, so an unadapted model's consistency loss is exactly zero.
-            frozen = self.clip.encode_image(t.images).float().detach()
+            # Likewise the same last-block path (the CLS-only tail or all tokens) as the adapted pass.
+            same_path = ForwardContext()
+            same_path.cls_only_tail = bool(t.context.used_cls_only_tail)
+            frozen = self.clip.encode_image(t.images, same_path).float().detach()
             image = t.image_features if cfg.consistency_normalize else t.raw_image_features
             terms["con_image"] = cfg.con_image_weight * F.l1_loss(image, norm(frozen, dim=-1))
         if cfg.con_text_weight > 0:

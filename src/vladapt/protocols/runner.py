@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from vladapt import __version__
 from vladapt.backbones import Backbone
 from vladapt.data import DatasetSplits, fewshot_splits, load_dataset, require_images, subsample_classes
+from vladapt.engine.precision import precision_name
 from vladapt.errors import ConfigError
 from vladapt.protocols.metrics import CROSS_DATASET_TARGETS, DG_TARGETS, average, harmonic_mean
 
@@ -137,6 +138,9 @@ def _record(settings: RunSettings, protocol: str, dataset: str, shots: int, seed
         "seed": seed,
         "trained": trained,
         "backbone": {"name": bb.name, "pretrained": bb.pretrained, "fingerprint": bb.fingerprint},
+        # the backbone's storage precision (evaluation runs in it) and the autocast precision of training
+        "precision": {"backbone": precision_name(bb.model.dtype),
+                      "train": getattr(method, "train_precision", None) if trained else None},
         "method_config": describe.get("config", settings.method_config),
         "trainable_parameters": describe.get("trainable_parameters", 0),
         "results": results,
