@@ -67,9 +67,29 @@ def methods(deep_tiny):
     }
 
 
+class Ensemble(nn.Module):
+    """Two methods' logits summed: two image-tower forwards per call, adapted from different blocks."""
+
+    def __init__(self, *members) -> None:
+        super().__init__()
+        self.members = list(members)
+        self.clip = members[0].clip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return sum(m(images) for m in self.members)
+
+
 def test_the_detected_start_block_is_each_methods_first_adapted_block(methods, images):
     callables = {name: m for name, (_, m) in methods.items()}
     assert prefix_plan(callables, images) == {name: block for name, (block, _) in methods.items()}
+    # over several forwards of one call: the lowest first adapted block of all of them
+    ensemble = Ensemble(methods["zeroshot"][1], methods["mma_from_7"][1], methods["mma"][1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the plain path
+        assert prefix_plan({"ensemble": ensemble}, images) == {"ensemble": 4}
+    shared = predict_many({"ensemble": ensemble}, images, {"ensemble": 4})["ensemble"]
+    with torch.no_grad():
+        assert torch.allclose(shared, ensemble(images), rtol=1e-5, atol=1e-5)
 
 
 def test_shared_prefix_logits_equal_the_plain_path_for_every_method_in_one_call(methods, images, deep_tiny):
