@@ -3,7 +3,9 @@ in front of each method's first adapted block computed once (engine.evaluate.eva
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from vladapt.backbones import transforms
 from vladapt.engine.evaluate import evaluate, evaluate_many, predict_many, prefix_plan
 from vladapt.errors import BackboneError
 from vladapt.methods import create_method
+from test_heba_engine import color_folder
 
 NAMES = ["cat", "dog", "red star", "blue ring", "green cross"]
 VISUAL_LAYERS = 8
@@ -176,3 +179,41 @@ def test_methods_without_a_prefix_use_the_plain_path(methods, images):
     with torch.no_grad():
         for name, m in callables.items():
             assert torch.allclose(shared[name], m(images), rtol=1e-5, atol=1e-5), name
+
+
+def test_eval_of_several_checkpoints_from_the_cli_gives_each_its_own_record(tmp_path, capsys):
+    """Three checkpoints (MMA and HeBA adapting the image tower from blocks 3 and 2, CoOp classifying
+    frozen features) evaluated together: each record equals the training run's own evaluation."""
+    from vladapt.cli import main
+
+    colors = color_folder(tmp_path / "colors")
+    out = tmp_path / "runs"
+    common = ["--protocol", "base2new", "--dataset", "folder", "--root", str(colors), "--quiet", "--out", str(out),
+              "train.epochs=1", "train.batch_size=4", "train.precision=fp32"]
+    runs = []
+    for method, config in (("mma", ["method.adapter_start=3", "method.scale=0.1"]),
+                           ("heba", ["method.adapter_start=2"]), ("coop", [])):
+        assert main(["train", "--method", method, "--shots", "2", *common, *config]) == 0
+        runs.append(json.loads((out / f"base2new/{method}/folder/shots_2-seed_1.json").read_text()))
+    again = tmp_path / "again"
+    assert main(["eval", "--checkpoint", *(r["run_dir"] for r in runs), "--root", str(colors), "--out", str(again),
+                 "--quiet"]) == 0
+    for trained in runs:
+        rec = json.loads((again / f"base2new/{trained['method']}/folder/shots_2-seed_1.eval.json").read_text())
+        assert rec["checkpoint"] == trained["run_dir"]
+        for half in ("base", "new"):
+            assert rec["results"][half]["correct"] == trained["results"][half]["correct"], (trained["method"], half)
+            assert rec["results"][half]["total"] == trained["results"][half]["total"]
+    # checkpoints of different runs are not evaluated together
+    assert main(["train", "--method", "mma", "--shots", "3", *common, "method.adapter_start=3"]) == 0
+    other = json.loads((out / "base2new/mma/folder/shots_3-seed_1.json").read_text())["run_dir"]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", runs[0]["run_dir"], other, "--root", str(colors), "--out",
+                 str(tmp_path / "mixed"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "has shots 3" in err and "separate `vladapt eval` call" in err
+    # two checkpoints that would write one record
+    assert main(["eval", "--checkpoint", runs[0]["run_dir"], runs[0]["run_dir"], "--root", str(colors), "--out",
+                 str(tmp_path / "twice"), "--quiet"]) == 2
+    assert "would both write" in capsys.readouterr().err
+    assert not Path(tmp_path / "twice" / "base2new").exists()
