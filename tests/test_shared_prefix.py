@@ -181,15 +181,24 @@ def test_methods_without_a_prefix_use_the_plain_path(methods, images):
             assert torch.allclose(shared[name], m(images), rtol=1e-5, atol=1e-5), name
 
 
-def test_eval_of_several_checkpoints_from_the_cli_gives_each_its_own_record(tmp_path, capsys):
+def test_eval_of_several_checkpoints_from_the_cli_gives_each_its_own_record(tmp_path, capsys, monkeypatch):
     """Three checkpoints (MMA and HeBA adapting the image tower from blocks 3 and 2, CoOp classifying
     frozen features) evaluated together: each record equals the training run's own evaluation."""
+    import importlib
+
     from vladapt.cli import main
+
+    engine_evaluate = importlib.import_module("vladapt.engine.evaluate")  # the module (the package exports the function)
+
+    plans = []
+    probe = engine_evaluate.prefix_plan
+    monkeypatch.setattr(engine_evaluate, "prefix_plan", lambda methods, images: plans.append(probe(methods, images))
+                        or plans[-1])
 
     colors = color_folder(tmp_path / "colors")
     out = tmp_path / "runs"
     common = ["--protocol", "base2new", "--dataset", "folder", "--root", str(colors), "--quiet", "--out", str(out),
-              "train.epochs=1", "train.batch_size=4", "train.precision=fp32"]
+              "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=4", "train.precision=fp32"]
     runs = []
     for method, config in (("mma", ["method.adapter_start=3", "method.scale=0.1"]),
                            ("heba", ["method.adapter_start=2"]), ("coop", [])):
@@ -198,6 +207,8 @@ def test_eval_of_several_checkpoints_from_the_cli_gives_each_its_own_record(tmp_
     again = tmp_path / "again"
     assert main(["eval", "--checkpoint", *(r["run_dir"] for r in runs), "--root", str(colors), "--out", str(again),
                  "--quiet"]) == 0
+    # base and new: MMA and HeBA through the shared prefix (0-based start blocks), CoOp on its cached features
+    assert plans == [{"0": 2, "1": 1}] * 2
     for trained in runs:
         rec = json.loads((again / f"base2new/{trained['method']}/folder/shots_2-seed_1.eval.json").read_text())
         assert rec["checkpoint"] == trained["run_dir"]
