@@ -227,3 +227,35 @@ def test_eval_of_several_checkpoints_from_the_cli_gives_each_its_own_record(tmp_
                  str(tmp_path / "twice"), "--quiet"]) == 2
     assert "would both write" in capsys.readouterr().err
     assert not Path(tmp_path / "twice" / "base2new").exists()
+
+
+def test_run_protocol_many_gives_the_records_of_run_protocol_per_method(tmp_path):
+    """A transfer protocol (dg, two targets) for three methods at once: the results of each equal
+    run_protocol's for it alone."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from datafixtures import build_benchmark_root
+
+    from vladapt.backbones import load_clip
+    from vladapt.protocols.runner import RunSettings, run_protocol, run_protocol_many
+
+    root, _ = build_benchmark_root(tmp_path / "data")
+    bb = load_clip("vladapt-tiny")
+
+    def weights(method, splits, seed, run_dir) -> None:  # "training": seeded random adapter weights
+        randomized(method, seed + 7)
+
+    settings = [
+        RunSettings(bb, root, "mma", {"adapter_start": 3, "scale": 0.5}, train_fn=weights, progress=False),
+        RunSettings(bb, root, "zeroshot", progress=False),
+        RunSettings(bb, root, "heba", {"adapter_start": 2, "scale": 0.5}, train_fn=weights, progress=False),
+    ]
+    targets = ("imagenet_sketch", "imagenet_a")
+    many = run_protocol_many("dg", settings, "imagenet", 1, 1, targets=targets)
+    assert [r["method"] for r in many] == ["mma", "zeroshot", "heba"]
+    for s, record in zip(settings, many):
+        alone = run_protocol("dg", s, "imagenet", 1, 1, targets=targets)
+        assert record["results"] == alone["results"], s.method
+        assert record["method_config"] == alone["method_config"] and record["trained"] == alone["trained"]
+    assert many[0]["results"] != many[2]["results"]
