@@ -1,13 +1,13 @@
 """The run grid: one protocol, method and dataset over every (shots, seed), one result record each.
 
 ``vladapt train``, ``vladapt eval`` and ``vladapt demo`` all run through :func:`run_grid` (``vladapt eval``
-with several checkpoints through :func:`evaluate_checkpoints`), and so can a Python script: it trains the method (or loads a trained checkpoint), evaluates it through the
-protocol, writes each record atomically to ``<out>/<protocol>/<method>/<dataset>/shots_<K>-seed_<S>.json``
-(the evaluation of a trained checkpoint to ``shots_<K>-seed_<S>.eval.json`` beside it, so it never
-replaces the training record) and the Markdown report of every record under ``out`` to
-``<out>/report.md``, rewritten after every record (a later failing run leaves the report of the
-finished ones). In a data-parallel run (``torchrun``) every process trains; only rank 0 evaluates
-and writes.
+with several checkpoints through :func:`evaluate_checkpoints`), and so can a Python script: it trains
+the method (or loads a trained checkpoint), evaluates it through the protocol, writes each record
+atomically to ``<out>/<protocol>/<method>/<dataset>/shots_<K>-seed_<S>.json`` (the evaluation of a
+trained checkpoint to ``shots_<K>-seed_<S>.eval.json`` beside it, so it never replaces the training
+record) and the Markdown report of every record under ``out`` to ``<out>/report.md``, rewritten after
+every record (a later failing run leaves the report of the finished ones). In a data-parallel run
+(``torchrun``) every process trains; only rank 0 evaluates and writes.
 
 A training record holds the full ``train_config`` (an evaluation record the one of its checkpoint)
 and, for a resumed run (``resume=True``), ``resumed_from_epoch``.
