@@ -98,9 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a method (training-free, or from a checkpoint) through a protocol")
     ev.add_argument("--method", default="zeroshot", help="method name (see `vladapt info`)")
-    ev.add_argument("--checkpoint", type=Path, default=None,
+    ev.add_argument("--checkpoint", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                     help="run directory of `vladapt train`: evaluate its trained weights (method, config, dataset, "
-                         "shots and seed come from the checkpoint)")
+                         "shots and seed come from the checkpoint). Several run directories are evaluated together "
+                         "on one test set, each still writing its own record: every test image is read once and "
+                         "the frozen image-tower blocks in front of each method's first adapted block (MMA and "
+                         "RMAdapter: blocks 1-4) are computed once for all of them. They must share protocol, "
+                         "dataset, shots, seed and backbone (an error otherwise: evaluate such checkpoints in "
+                         "separate calls)")
     _add_protocol_args(ev, required=False)
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="method config overrides, e.g. method.templates=openai_imagenet")
@@ -362,17 +367,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         settings = _settings(args, backbone, args.method, overrides.get("method", {}))
         _run_grid(args, settings, args.protocol, args.dataset, args.shots or [16], args.seeds or [1])
         return 0
-    meta = read_meta(args.checkpoint)
+    metas = [read_meta(c) for c in args.checkpoint]
     if overrides.get("method"):
         raise ConfigError("method overrides cannot change a trained checkpoint's configuration")
+    meta = metas[0]
+
+    def shared(m: dict, key: str):
+        value = m.get(key)
+        return tuple((value or {}).get(f) for f in ("name", "pretrained", "fingerprint")) if key == "backbone" else value
+
+    for path, other in zip(args.checkpoint[1:], metas[1:]):
+        for key in ("protocol", "dataset", "shots", "seed", "backbone"):
+            mine, first = shared(other, key), shared(meta, key)
+            if mine != first:
+                raise ConfigError(f"--checkpoint: {path} has {key} {mine!r}, but {args.checkpoint[0]} has {first!r}; "
+                                  "checkpoints evaluated together must share protocol, dataset, shots, seed and "
+                                  "backbone: evaluate the others in a separate `vladapt eval` call")
     bb = meta["backbone"]
     same = args.model is None or args.model == bb["name"]
     backbone = load_clip(bb["name"] if same else args.model,
                          (bb["pretrained"] if same else None) if args.pretrained is None else args.pretrained,
                          device=args.device, dtype=_dtype(args))
-    settings = _settings(args, backbone, meta["method"], meta["method_config"])
-    _run_grid(args, settings, args.protocol or meta["protocol"], args.dataset or meta["dataset"],
-              args.shots or [meta["shots"]], args.seeds or [meta["seed"]], checkpoint=args.checkpoint)
+    protocol, dataset = args.protocol or meta["protocol"], args.dataset or meta["dataset"]
+    shots, seeds = args.shots or [meta["shots"]], args.seeds or [meta["seed"]]
+    if len(metas) == 1:
+        settings = _settings(args, backbone, meta["method"], meta["method_config"])
+        _run_grid(args, settings, protocol, dataset, shots, seeds, checkpoint=args.checkpoint[0])
+        return 0
+    from vladapt.bench.grid import evaluate_checkpoints, summary_line
+
+    settings = [_settings(args, backbone, m["method"], m["method_config"]) for m in metas]
+    evaluate_checkpoints(settings, args.checkpoint, protocol, dataset, shots, seeds, args.out, targets=args.targets,
+                         on_record=lambda record, path: print(f"{summary_line(record)}  -> {path}"))
+    print()
+    print((args.out / "report.md").read_text(encoding="utf-8"))
+    print(f"table written to {args.out / 'report.md'}")
     return 0
 
 

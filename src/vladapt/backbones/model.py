@@ -12,10 +12,11 @@ checks that the outputs match open_clip's own ``encode_image`` / ``encode_text``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -299,17 +300,26 @@ class Transformer(nn.Module):
             [Block(width, heads, mlp_ratio, quick_gelu, tower, i, layout) for i in range(layers)]
         )
 
-    def forward(self, x: Tensor, ctx: ForwardContext, keep: int | None = None) -> Tensor:
-        """``keep = q``: the caller reads only the first ``q`` positions of the output (the image
+    def forward(self, x: Tensor, ctx: ForwardContext, start: int = 0, end: int | None = None,
+                keep: int | None = None) -> Tensor:
+        """Run blocks ``start..end-1`` (0-based; default: all) on the token states ``x``.
+
+        ``keep = q``: the caller reads only the first ``q`` positions of the output (the image
         tower's CLS token), so the last block computes only theirs when its modules allow it
         (:meth:`Block.keeps_prefix`): the MLP and the attention queries of the other positions
         affect nothing downstream. The result is ``[B, q, D]`` then, else ``[B, N, D]``."""
         last = len(self.resblocks) - 1
-        for i, block in enumerate(self.resblocks):
+        end = len(self.resblocks) if end is None else end
+        for i in range(start, end):
+            block = self.resblocks[i]
             if i == last and keep is not None and block.keeps_prefix():
                 return block(x, ctx, queries=keep)
             x = block(x, ctx)
         return x
+
+    def first_adapted(self) -> int:
+        """The lowest 0-based index of a block with a module attached (the number of blocks if none)."""
+        return next((i for i, block in enumerate(self.resblocks) if block.attached), len(self.resblocks))
 
 
 class VisionTower(nn.Module):
@@ -329,6 +339,10 @@ class VisionTower(nn.Module):
         self.proj = nn.Parameter(torch.empty(w, embed_dim))
         self.output_point = InsertionPoint("visual", "output", None, embed_dim, None)
         self.attached: dict[str, nn.Module] = {}
+        # Shared-prefix evaluation (see :meth:`start_at`): the block the forward starts at, the
+        # token states it accepts there, and the recorders of :meth:`record_first_adapted`.
+        self._start: tuple[int, Tensor] | None = None
+        self._recorders: list[list[int]] = []
 
     def embed(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` -> tokens ``[B, 1 + H*W/p^2, D]`` after ``ln_pre``."""
@@ -344,10 +358,94 @@ class VisionTower(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.ln_pre(x)
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.transformer.resblocks)
+
+    @torch.no_grad()
+    def prefix_states(self, images: Tensor, block: int, states: Tensor | None = None, start: int = 0) -> Tensor:
+        """The frozen token states ``[B, N, D]`` entering 0-based block ``block``: the patch embedding
+        and blocks ``0..block-1`` of ``images``, without gradient. With ``states`` (the states entering
+        block ``start``, e.g. a previous call's result) only blocks ``start..block-1`` run.
+
+        This is the frozen CLIP's computation: a module attached to one of these blocks is an error
+        (:class:`BackboneError`), not part of the result.
+        """
+        if not 0 <= start <= block <= self.num_layers:
+            raise BackboneError(f"prefix_states: need 0 <= start ({start}) <= block ({block}) <= "
+                                f"{self.num_layers} (the image tower's blocks)")
+        adapted = [i for i in range(start, block) if self.transformer.resblocks[i].attached]
+        if adapted:
+            names = sorted(self.transformer.resblocks[adapted[0]].attached)
+            raise BackboneError(
+                f"prefix_states computes the frozen blocks {start + 1}..{block} (1-based), but block {adapted[0] + 1} "
+                f"has modules attached at {names}; detach them (methods attach their modules only inside "
+                "their forward) before computing a shared prefix")
+        x = self.embed(images) if states is None else states
+        return self.transformer(x, ForwardContext(), start, block)
+
+    @contextlib.contextmanager
+    def start_at(self, block: int, states: Tensor) -> Iterator[None]:
+        """Within this context, the forward starts at 0-based block ``block`` from ``states``, the
+        token states entering it (:meth:`prefix_states`), instead of embedding images: call the
+        method (or ``encode_image``) with ``states`` in place of the images.
+
+        Exact as long as nothing acts before block ``block``, which is checked at every call: a module
+        attached to a block below ``block``, or an input other than ``states`` itself (a method that
+        transforms its images before the tower), is a :class:`BackboneError`.
+        """
+        if not 0 <= block <= self.num_layers:
+            raise BackboneError(f"start_at: block {block} is outside the image tower's 0..{self.num_layers}")
+        n = self.layout.num_tokens
+        if states.ndim != 3 or states.shape[1:] != (n, self.cfg.width):
+            raise BackboneError(f"start_at: expected token states [B, {n}, {self.cfg.width}] (prefix_states), "
+                                f"got {list(states.shape)}")
+        saved, self._start = self._start, (block, states)
+        try:
+            yield
+        finally:
+            self._start = saved
+
+    @contextlib.contextmanager
+    def record_first_adapted(self) -> Iterator[list[int]]:
+        """Collect, for every forward inside this context, the 0-based index of the lowest block that
+        had a module attached (the number of blocks if none): the block a shared prefix may end at."""
+        seen: list[int] = []
+        self._recorders.append(seen)
+        try:
+            yield seen
+        finally:
+            self._recorders.remove(seen)
+
+    def _start_block(self, x: Tensor) -> tuple[Tensor, int]:
+        """(token states entering the first block to run, its index) for the forward's input ``x``."""
+        if self._start is None:
+            return self.embed(x), 0
+        block, states = self._start
+        if not (x.shape == states.shape and x.dtype == states.dtype and x.device == states.device
+                and x.data_ptr() == states.data_ptr()):
+            raise BackboneError(
+                f"the image tower starts at block {block + 1} (shared-prefix evaluation) and expects the prefix's "
+                f"token states {list(states.shape)} as given, but got a tensor {list(x.shape)} of other storage: the "
+                "method changes its input before the image tower; evaluate it without a shared prefix")
+        first = self.transformer.first_adapted()
+        if first < block:
+            names = sorted(self.transformer.resblocks[first].attached)
+            raise BackboneError(
+                f"the image tower starts at block {block + 1} (1-based; blocks 1..{block} come from a shared frozen "
+                f"prefix), but block {first + 1} has modules attached at {names}, which the prefix did not run; "
+                f"start the suffix at block {first + 1} or lower, or evaluate this method without a shared prefix")
+        return x, block
+
     def forward(self, images: Tensor, ctx: ForwardContext) -> Tensor:
-        # Only the CLS token is pooled: the last block computes the other tokens' keys and values
-        # but not their outputs (when its attached modules allow it).
-        x = self.transformer(self.embed(images), ctx, keep=1 if ctx.cls_only_tail else None)
+        """``[B, 3, H, W]`` -> ``[B, E]``; within :meth:`start_at`, the token states given there.
+
+        Only the CLS token is pooled: the last block computes the other tokens' keys and values but
+        not their outputs (when its attached modules allow it and ``ctx.cls_only_tail``)."""
+        for seen in self._recorders:
+            seen.append(self.transformer.first_adapted())
+        x, start = self._start_block(images)
+        x = self.transformer(x, ctx, start, keep=1 if ctx.cls_only_tail else None)
         ctx.used_cls_only_tail = x.shape[1] == 1
         # LN is per token, so normalizing only the CLS token equals open_clip's LN-all-then-pool.
         feats = self.ln_post(x[:, 0]) @ self.proj

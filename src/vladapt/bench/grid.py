@@ -1,13 +1,13 @@
 """The run grid: one protocol, method and dataset over every (shots, seed), one result record each.
 
-``vladapt train``, ``vladapt eval`` and ``vladapt demo`` all run through :func:`run_grid`, and so can a
-Python script: it trains the method (or loads a trained checkpoint), evaluates it through the
-protocol, writes each record atomically to ``<out>/<protocol>/<method>/<dataset>/shots_<K>-seed_<S>.json``
-(the evaluation of a trained checkpoint to ``shots_<K>-seed_<S>.eval.json`` beside it, so it never
-replaces the training record) and the Markdown report of every record under ``out`` to
-``<out>/report.md``, rewritten after every record (a later failing run leaves the report of the
-finished ones). In a data-parallel run (``torchrun``) every process trains; only rank 0 evaluates
-and writes.
+``vladapt train``, ``vladapt eval`` and ``vladapt demo`` all run through :func:`run_grid` (``vladapt eval``
+with several checkpoints through :func:`evaluate_checkpoints`), and so can a Python script: it trains
+the method (or loads a trained checkpoint), evaluates it through the protocol, writes each record
+atomically to ``<out>/<protocol>/<method>/<dataset>/shots_<K>-seed_<S>.json`` (the evaluation of a
+trained checkpoint to ``shots_<K>-seed_<S>.eval.json`` beside it, so it never replaces the training
+record) and the Markdown report of every record under ``out`` to ``<out>/report.md``, rewritten after
+every record (a later failing run leaves the report of the finished ones). In a data-parallel run
+(``torchrun``) every process trains; only rank 0 evaluates and writes.
 
 A training record holds the full ``train_config`` (an evaluation record the one of its checkpoint)
 and, for a resumed run (``resume=True``), ``resumed_from_epoch``.
@@ -98,6 +98,67 @@ def run_grid(settings: RunSettings, protocol: str, dataset: str, shots: int | Se
             write_report()  # after every record: a later failure leaves the report of the finished runs
             if on_record is not None:
                 on_record(record, path)
+    write_report()
+    return records
+
+
+def evaluate_checkpoints(settings: Sequence[RunSettings], checkpoints: Sequence[str | Path], protocol: str,
+                         dataset: str, shots: int | Sequence[int] = (16,), seeds: int | Sequence[int] = (1,),
+                         out: str | Path = "runs", *, targets: Sequence[str] | None = None, report: bool = True,
+                         on_record: Callable[[dict[str, Any], Path], None] | None = None) -> list[dict[str, Any]]:
+    """:func:`run_grid` with ``checkpoint=`` for several checkpoints on one test set, evaluated together:
+    per (shots, seed) every checkpoint is loaded into its method (``settings[i]`` names checkpoint i's
+    method and config, all on one backbone) and each test image is read once for all of them, with
+    the frozen image-tower blocks they share computed once
+    (:func:`~vladapt.protocols.runner.run_protocol_many`). Each checkpoint gets its own record,
+    as :func:`run_grid` writes it. Two checkpoints that would write the same record (same method,
+    protocol, dataset, shots and seed) are an error. Single process only."""
+    from vladapt.bench.report import load_records, markdown_report
+    from vladapt.io import atomic_write_json, atomic_write_text, check_writable
+    from vladapt.protocols.runner import record_path, run_protocol_many
+
+    if len(settings) != len(checkpoints) or not checkpoints:
+        raise ConfigError("evaluate_checkpoints needs one RunSettings per checkpoint")
+    if len({id(s.backbone) for s in settings}) != 1:
+        raise ConfigError("evaluate_checkpoints evaluates checkpoints on one backbone: give every RunSettings "
+                          "the same loaded backbone")
+    shots, seeds = ([x] if isinstance(x, int) else list(x) for x in (shots, seeds))
+    bad = [k for k in shots if not isinstance(k, int) or isinstance(k, bool) or k < 1]
+    if bad:
+        raise ConfigError(f"shots must be whole numbers of at least 1 image per class, got {bad}")
+    out = Path(out)
+    check_writable(out, "output folder")
+    for k in shots:
+        for seed in seeds:
+            seen: dict[Path, Path] = {}
+            for s, ckpt in zip(settings, checkpoints):
+                path = record_path(out, {"protocol": protocol, "method": s.method, "dataset": dataset, "shots": k,
+                                         "seed": seed, "checkpoint": str(ckpt)})
+                if path in seen:
+                    raise ConfigError(f"checkpoints {seen[path]} and {ckpt} would both write {path} (same method, "
+                                      "protocol, dataset, shots and seed): evaluate them with different --out folders")
+                seen[path] = Path(ckpt)
+    loaders = [_checkpoint_loader(Path(c), settings[0].backbone.fingerprint) for c in checkpoints]
+    settings = [replace(s, out_dir=out, evaluate=True, train_fn=load) for s, load in zip(settings, loaders)]
+    extra = {"targets": tuple(targets)} if targets and protocol in TRANSFER_PROTOCOLS else {}
+    records = []
+
+    def write_report() -> None:
+        if report:
+            atomic_write_text(out / "report.md", markdown_report(load_records(out)))
+
+    for k in shots:
+        for seed in seeds:
+            group = run_protocol_many(protocol, settings, dataset, k, seed, **extra)
+            for record, ckpt, load in zip(group, checkpoints, loaders):
+                record["checkpoint"] = str(ckpt)
+                if load.meta.get("train_config") is not None:
+                    record["train_config"] = load.meta["train_config"]
+                path = atomic_write_json(record_path(out, record), record)
+                records.append(record)
+                if on_record is not None:
+                    on_record(record, path)
+            write_report()
     write_report()
     return records
 

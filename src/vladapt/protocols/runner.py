@@ -60,10 +60,21 @@ def build_method(settings: RunSettings, classnames: list[str], dataset: str):
     return method.to(settings.device)
 
 
+def _test_loader(settings: RunSettings, splits: DatasetSplits) -> DataLoader:
+    from vladapt.data import ImageDataset
+
+    return DataLoader(ImageDataset(splits.test, splits.image_root, settings.backbone.test_transform),
+                      batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers)
+
+
+def _item(res, splits: DatasetSplits, method) -> dict[str, Any]:
+    return {"accuracy": res.accuracy, "correct": res.correct, "total": res.total, "macro_f1": res.macro_f1,
+            "num_classes": splits.num_classes, **method.evaluation_info()}
+
+
 def evaluate_items(settings: RunSettings, method, splits: DatasetSplits, dataset: str, desc: str,
                    split: str = "all") -> dict[str, Any]:
     """Evaluate ``method`` on ``splits.test`` over ``splits.classnames`` (``split``: base, new or all)."""
-    from vladapt.data import ImageDataset
     from vladapt.engine import evaluate
 
     method.set_classnames(splits.classnames, dataset=dataset, split=split)
@@ -75,12 +86,40 @@ def evaluate_items(settings: RunSettings, method, splits: DatasetSplits, dataset
         loader = DataLoader(TensorDataset(source.test_features(splits), labels), batch_size=settings.batch_size)
         predict = method.feature_logits
     else:
-        loader = DataLoader(ImageDataset(splits.test, splits.image_root, settings.backbone.test_transform),
-                            batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers)
+        loader = _test_loader(settings, splits)
         predict = method
     res = evaluate(predict, loader, splits.num_classes, device=settings.device, progress=settings.progress, desc=desc)
-    return {"accuracy": res.accuracy, "correct": res.correct, "total": res.total, "macro_f1": res.macro_f1,
-            "num_classes": splits.num_classes, **method.evaluation_info()}
+    return _item(res, splits, method)
+
+
+def evaluate_items_many(settings: list[RunSettings], methods: list, splits: DatasetSplits, dataset: str, desc: str,
+                        split: str = "all") -> list[dict[str, Any]]:
+    """:func:`evaluate_items` of several methods on one backbone (``settings[i]`` that of
+    ``methods[i]``): the methods that classify images run in one pass over the test images with
+    the frozen image-tower blocks in front of each one's first adapted block computed once per image
+    (:func:`~vladapt.engine.evaluate.evaluate_many`); feature-level methods classify their cached
+    features as in :func:`evaluate_items`. The results equal :func:`evaluate_items` per method."""
+    from vladapt.engine import evaluate_many
+
+    backbones = {id(s.backbone) for s in settings}
+    if len(backbones) != 1 or len(settings) != len(methods):
+        raise ConfigError("evaluate_items_many needs one RunSettings per method, all with the same backbone")
+    results: list[dict[str, Any] | None] = [None] * len(methods)
+    on_images: dict[str, Any] = {}
+    for i, (s, method) in enumerate(zip(settings, methods)):
+        if getattr(method, "feature_level", False) and getattr(method, "feature_source", None) is not None:
+            results[i] = evaluate_items(s, method, splits, dataset, f"{desc} [{s.method}]", split)
+        else:
+            method.set_classnames(splits.classnames, dataset=dataset, split=split)
+            method.eval()
+            on_images[str(i)] = method
+    if on_images:
+        first = settings[int(next(iter(on_images)))]
+        many = evaluate_many(on_images, _test_loader(first, splits), splits.num_classes, device=first.device,
+                             progress=first.progress, desc=desc)
+        for key, res in many.items():
+            results[int(key)] = _item(res, splits, on_images[key])
+    return results  # type: ignore[return-value]
 
 
 def _require_unseen_classes(settings: RunSettings, protocol: str) -> None:
@@ -150,6 +189,38 @@ def _record(settings: RunSettings, protocol: str, dataset: str, shots: int, seed
     }
 
 
+# An evaluation over N methods: (splits, dataset, desc, split) -> one result item per method.
+EvalFn = Callable[..., list[dict[str, Any]]]
+
+
+def _base2new_results(ev: EvalFn, few: DatasetSplits, dataset: str) -> list[dict[str, Any]]:
+    base, new = subsample_classes(few, "base"), subsample_classes(few, "new")
+    res_base = ev(base, dataset, f"{dataset} base", "base")
+    res_new = ev(new, dataset, f"{dataset} new", "new")
+    return [{"base": b, "new": n, "hm": harmonic_mean(b["accuracy"], n["accuracy"])} for b, n in zip(res_base, res_new)]
+
+
+def _transfer_results(ev: EvalFn, few: DatasetSplits, source: str, targets: tuple[str, ...],
+                      root: Path) -> list[dict[str, Any]]:
+    res_source = ev(few, source, source)
+    per_target = {target: ev(load_dataset(target, root), target, target) for target in targets}
+    return [{"source": {source: res_source[i]}, "targets": {t: r[i] for t, r in per_target.items()},
+             "average": average(r[i]["accuracy"] for r in per_target.values())} for i in range(len(res_source))]
+
+
+def _fewshot_results(ev: EvalFn, few: DatasetSplits, dataset: str) -> list[dict[str, Any]]:
+    return [{"test": r} for r in ev(few, dataset, dataset)]
+
+
+def _one(settings: RunSettings, method) -> EvalFn:
+    return lambda splits, dataset, desc, split="all": [evaluate_items(settings, method, splits, dataset, desc, split)]
+
+
+def _require_target_images(settings: RunSettings, targets: tuple[str, ...]) -> None:
+    for target in targets if settings.evaluate else ():  # the targets' test images too, before training on the source
+        require_images(load_dataset(target, settings.root), ("test",), dataset=target, root=settings.root)
+
+
 def run_base2new(settings: RunSettings, dataset: str, shots: int, seed: int,
                  run_dir: Path | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -157,28 +228,18 @@ def run_base2new(settings: RunSettings, dataset: str, shots: int, seed: int,
     few, method, trained = _prepare(settings, dataset, shots, seed, run_dir, train_classes="base")
     if not settings.evaluate:
         return None
-    base, new = subsample_classes(few, "base"), subsample_classes(few, "new")
-    res_base = evaluate_items(settings, method, base, dataset, f"{dataset} base", "base")
-    res_new = evaluate_items(settings, method, new, dataset, f"{dataset} new", "new")
-    results = {"base": res_base, "new": res_new, "hm": harmonic_mean(res_base["accuracy"], res_new["accuracy"])}
+    results = _base2new_results(_one(settings, method), few, dataset)[0]
     return _record(settings, "base2new", dataset, shots, seed, method, trained, results, t0)
 
 
 def _run_transfer(settings: RunSettings, protocol: str, source: str, targets: tuple[str, ...], shots: int,
                   seed: int, run_dir: Path | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    for target in targets if settings.evaluate else ():  # the targets' test images too, before training on the source
-        require_images(load_dataset(target, settings.root), ("test",), dataset=target, root=settings.root)
+    _require_target_images(settings, targets)
     few, method, trained = _prepare(settings, source, shots, seed, run_dir)
     if not settings.evaluate:
         return None
-    res_source = evaluate_items(settings, method, few, source, source)
-    per_target = {}
-    for target in targets:
-        splits = load_dataset(target, settings.root)
-        per_target[target] = evaluate_items(settings, method, splits, target, target)
-    results = {"source": {source: res_source}, "targets": per_target,
-               "average": average(r["accuracy"] for r in per_target.values())}
+    results = _transfer_results(_one(settings, method), few, source, targets, settings.root)[0]
     return _record(settings, protocol, source, shots, seed, method, trained, results, t0)
 
 
@@ -199,7 +260,7 @@ def run_fewshot(settings: RunSettings, dataset: str, shots: int, seed: int,
     few, method, trained = _prepare(settings, dataset, shots, seed, run_dir)
     if not settings.evaluate:
         return None
-    results = {"test": evaluate_items(settings, method, few, dataset, dataset)}
+    results = _fewshot_results(_one(settings, method), few, dataset)[0]
     return _record(settings, "fewshot", dataset, shots, seed, method, trained, results, t0)
 
 
@@ -217,6 +278,45 @@ def run_protocol(name: str, settings: RunSettings, dataset: str, shots: int, see
     if name not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
     return PROTOCOLS[name](settings, dataset=dataset, shots=shots, seed=seed, run_dir=run_dir, **kwargs)
+
+
+def run_protocol_many(name: str, settings: list[RunSettings], dataset: str, shots: int, seed: int,
+                      targets: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Run protocol ``name`` for several methods on one backbone at once (``settings[i]`` names method
+    i, its config and its ``train_fn``, e.g. a checkpoint loader); returns one record per method, the
+    records :func:`run_protocol` gives each. Every method is built and prepared (trained, or loaded)
+    first; then each test set is read once and evaluated for all of them by :func:`evaluate_items_many`,
+    which computes the frozen image-tower blocks the methods share once per image. A record's
+    ``seconds`` is the time of the whole group. For evaluation (no run directories: training runs
+    write theirs one method at a time, with :func:`run_protocol`)."""
+    if name not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
+    if not settings:
+        raise ConfigError("run_protocol_many needs at least one method")
+    t0 = time.perf_counter()
+    transfer = name in ("cross_dataset", "dg")
+    if targets is None and transfer:
+        targets = CROSS_DATASET_TARGETS if name == "cross_dataset" else DG_TARGETS
+    if name in ("base2new", "cross_dataset"):
+        for s in settings:
+            _require_unseen_classes(s, name)
+    if transfer:
+        _require_target_images(settings[0], tuple(targets))
+    prepared = [_prepare(s, dataset, shots, seed, None, train_classes="base" if name == "base2new" else "all")
+                for s in settings]
+    few, methods = prepared[0][0], [method for _, method, _ in prepared]
+
+    def ev(splits: DatasetSplits, data: str, desc: str, split: str = "all") -> list[dict[str, Any]]:
+        return evaluate_items_many(settings, methods, splits, data, desc, split)
+
+    if name == "base2new":
+        results = _base2new_results(ev, few, dataset)
+    elif transfer:
+        results = _transfer_results(ev, few, dataset, tuple(targets), settings[0].root)
+    else:
+        results = _fewshot_results(ev, few, dataset)
+    return [_record(s, name, dataset, shots, seed, method, trained, r, t0)
+            for s, (_, method, trained), r in zip(settings, prepared, results)]
 
 
 def record_path(out_dir: Path, record: dict[str, Any]) -> Path:
