@@ -48,6 +48,8 @@ class RunSettings:
     evaluate: bool = True  # False in the helper processes of a data-parallel run: only rank 0 evaluates
     # Frozen image features of feature-level methods (None: kept in memory for one run only)
     feature_cache: Any = None
+    # Decoded, resized and cropped test images of image-level methods (None: decode at every evaluation)
+    image_cache: Path | None = None
 
 
 def build_method(settings: RunSettings, classnames: list[str], dataset: str):
@@ -74,8 +76,16 @@ def evaluate_items(settings: RunSettings, method, splits: DatasetSplits, dataset
         loader = DataLoader(TensorDataset(source.test_features(splits), labels), batch_size=settings.batch_size)
         predict = method.feature_logits
     else:
-        loader = DataLoader(ImageDataset(splits.test, splits.image_root, settings.backbone.test_transform),
-                            batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers)
+        loader = None
+        if settings.image_cache is not None:  # the test images decoded once (None: the cache cannot serve them)
+            from vladapt.data.decoded import evaluation_loader
+
+            loader = evaluation_loader(splits.test, splits.image_root, settings.backbone.test_transform,
+                                       settings.image_cache, settings.batch_size, device=settings.device,
+                                       workers=settings.workers, progress=settings.progress, desc=desc)
+        if loader is None:
+            loader = DataLoader(ImageDataset(splits.test, splits.image_root, settings.backbone.test_transform),
+                                batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers)
         predict = method
     res = evaluate(predict, loader, splits.num_classes, device=settings.device, progress=settings.progress, desc=desc)
     return {"accuracy": res.accuracy, "correct": res.correct, "total": res.total, "macro_f1": res.macro_f1,
