@@ -256,6 +256,10 @@ def test_evaluation_loader_falls_back_with_one_warning(folder, tmp_path, monkeyp
     assert not (tmp_path / "cache").exists()
     loader = evaluation_loader(items, root, transforms.test_transform(24), tmp_path / "cache", 4, progress=False)
     assert len(loader) == 2 and [len(y) for _, y in loader] == [4, 3]
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    with pytest.warns(UserWarning, match=f"cannot write the decoded-image cache in {not_a_folder}.*decoding the images"):
+        assert evaluation_loader(items, root, transforms.test_transform(24), not_a_folder, 4, progress=False) is None
 
 
 def test_image_cache_option():
@@ -310,3 +314,14 @@ def test_evaluation_with_and_without_the_cache_is_identical(folder, tmp_path, mo
             ref = torch.stack([ds[i][0] for i in range(b * 8, b * 8 + len(y))])
             assert torch.equal(x, ref)
             assert torch.equal(method(x), method(ref))
+
+
+def test_bench_jobs_carry_an_absolute_image_cache(tmp_path, monkeypatch):
+    from vladapt.bench.bench import make_spec, plan
+
+    monkeypatch.chdir(tmp_path)
+    values = {"methods": ["zeroshot"], "datasets": ["folder"], "protocols": ["fewshot"], "root": "data"}
+    assert {job.image_cache for job in plan(make_spec(values))[0]} == {None}
+    jobs, _ = plan(make_spec({**values, "image_cache": "cache"}))
+    assert jobs and {job.image_cache for job in jobs} == {str(tmp_path / "cache")}
+    assert {job.image_cache for job in plan(make_spec({**values, "image_cache": "none"}))[0]} == {"none"}
