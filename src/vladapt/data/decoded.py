@@ -12,8 +12,8 @@ the same arithmetic as ``ToTensor`` and ``Normalize``: the tensors are bit-ident
 An entry is two files in ``<root>/<key[:2]>/``: ``<key>.u8`` (the pixels) and ``<key>.json`` (a small
 header: format version, key, the key's parts, N and the array shape). The key is the SHA-256 of the
 image files' fingerprint (path, size and modification time of each, in order), the PIL stage's
-description, N and the format version: a changed image or transform gives another key, so a stale
-entry is never read. Both files are written to a temporary file in the same folder, flushed to disk
+description, N, the Pillow version and the format version: a changed image or transform gives another
+key, so a stale entry is never read. Both files are written to a temporary file in the same folder, flushed to disk
 and renamed into place, the header last; a reader checks the header and the exact size of the data
 file, and an entry that does not match (torn, truncated, foreign) is rebuilt with a warning naming it.
 
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 from torch import Tensor
@@ -116,10 +117,8 @@ class TensorStage:
 
 def _hw(size: Any) -> tuple[int, int] | None:
     """(h, w) of a torchvision size argument that fixes both sides, else None."""
-    if isinstance(size, (list, tuple)):
-        if len(size) == 2:
-            return int(size[0]), int(size[1])
-        return None
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return int(size[0]), int(size[1])
     return None
 
 
@@ -136,7 +135,7 @@ def split_transform(transform: Callable) -> tuple[PilStage, TensorStage]:
     seen_tensor = False
     for op in ops:
         name = type(op).__name__
-        if not seen_tensor and isinstance(op, _PIL_OPS):
+        if not seen_tensor and type(op) in _PIL_OPS:  # exact types: a subclass may behave differently
             pil.append(op)
             if isinstance(op, T.CenterCrop):
                 size = _hw(op.size) or (int(op.size[0]),) * 2
@@ -172,6 +171,7 @@ def split_transform(transform: Callable) -> tuple[PilStage, TensorStage]:
 def entry_parts(items: Sequence[Datum], image_root: Path, pil: PilStage) -> dict[str, Any]:
     """What an entry's key is the hash of."""
     return {"format": FORMAT, "version": VERSION, "pil_stage": repr(pil), "n": len(items),
+            "pillow": PIL.__version__,  # its resampling code has changed pixels between releases
             "files": files_fingerprint(Path(image_root) / d.path for d in items)}
 
 
