@@ -154,6 +154,17 @@ def test_a_changed_transform_size_gives_a_new_entry(folder, tmp_path):
     assert other.built and torch.equal(read_all(other)[0], reference(items, root, bilinear))
 
 
+
+def test_another_pillow_version_gives_a_new_entry(folder, tmp_path, monkeypatch):
+    import PIL
+
+    root, items = folder
+    first = decoded_images(items, root, transforms.test_transform(24), tmp_path / "cache", progress=False)
+    monkeypatch.setattr(PIL, "__version__", PIL.__version__ + ".post1")  # resampling may differ between releases
+    again = decoded_images(items, root, transforms.test_transform(24), tmp_path / "cache", progress=False)
+    assert again.built and again.path != first.path
+
+
 @pytest.mark.parametrize("damage", ["truncated", "extended", "no header"])
 def test_a_torn_data_file_is_detected_and_rebuilt(folder, tmp_path, damage):
     root, items = folder
@@ -237,6 +248,12 @@ def test_transforms_the_cache_cannot_split_are_clear_errors():
         split_transform(T.Compose([T.Resize(24), T.ToTensor()]))  # the size depends on the aspect ratio
     with pytest.raises(UnsupportedTransform, match="does not know"):
         split_transform(T.Compose([T.CenterCrop(24), T.Lambda(lambda x: x), T.ToTensor()]))
+
+    class MyCrop(T.CenterCrop):  # a subclass may do anything: not treated as CenterCrop
+        pass
+
+    with pytest.raises(UnsupportedTransform, match="MyCrop.*does not know"):
+        split_transform(T.Compose([MyCrop(24), T.ToTensor()]))
     with pytest.raises(UnsupportedTransform, match="ToTensor"):
         split_transform(T.Compose([T.CenterCrop(24)]))
     pil, tensor = split_transform(transforms.test_transform(24))
