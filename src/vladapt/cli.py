@@ -41,6 +41,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+IMAGE_CACHE_HELP = ("where evaluation keeps the test images decoded, resized and center-cropped once (uint8 arrays "
+                    "keyed by the image files and the transform), so later evaluations of image-level methods skip "
+                    "decoding; a folder grows by N x H x W x 3 bytes per test split (default: off; 'none': off)")
+
+
 def _add_protocol_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--protocol", required=required, choices=["base2new", "cross_dataset", "dg", "fewshot"])
     p.add_argument("--dataset", required=required,
@@ -58,6 +63,7 @@ def _add_protocol_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--feature-cache", default=None, metavar="DIR",
                    help="where feature-level methods keep frozen image features across runs (default: "
                         "$VLADAPT_FEATURE_CACHE or ~/.cache/vladapt/features; 'none': memory only)")
+    p.add_argument("--image-cache", default=None, metavar="DIR", help=IMAGE_CACHE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -177,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="vladapt-tiny", help="backbone (default: the bundled %(default)s)")
     demo.add_argument("--per-class", type=int, nargs=3, default=[40, 10, 30], metavar=("TRAIN", "VAL", "TEST"),
                       help="images per class written for each split (default: 40 10 30)")
+    demo.add_argument("--image-cache", default=None, metavar="DIR", help=IMAGE_CACHE_HELP)
     demo.add_argument("--quiet", action="store_true", help="no progress output")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                       help="config overrides for the trained methods, e.g. train.epochs=5")
@@ -327,12 +334,14 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace, backbone, method: str, method_config: dict):
     from vladapt.protocols.runner import RunSettings
 
+    from vladapt.data.decoded import image_cache_option
     from vladapt.engine.feature_cache import FeatureCache, cache_dir_option
 
     root = cache_dir_option(getattr(args, "feature_cache", None))
     return RunSettings(backbone=backbone, root=args.root, method=method, method_config=method_config,
                        device=args.device, batch_size=args.batch_size, workers=args.workers,
-                       progress=not args.quiet, feature_cache=FeatureCache(root))
+                       progress=not args.quiet, feature_cache=FeatureCache(root),
+                       image_cache=image_cache_option(getattr(args, "image_cache", None)))
 
 
 def _run_grid(args: argparse.Namespace, settings, protocol: str, dataset: str, shots: list[int], seeds: list[int],
@@ -501,7 +510,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = DemoSettings(out=args.out, methods=args.methods, datasets=args.datasets, seeds=args.seeds,
                             shots=args.shots, model=args.model, per_class=tuple(args.per_class),
-                            overrides=args.overrides, progress=not args.quiet)
+                            overrides=args.overrides, progress=not args.quiet, image_cache=args.image_cache)
     if not args.quiet:
         print(f"vladapt demo: synthetic benchmark, backbone {args.model}, {args.shots} shots, seeds {args.seeds}")
     result = run_demo(settings)
@@ -549,6 +558,7 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--targets", nargs="+", default=None, help="override the target datasets of cross_dataset / dg")
     b.add_argument("--feature-cache", default=None, metavar="DIR",
                    help="frozen-feature cache folder shared by the runs ('none': memory only)")
+    b.add_argument("--image-cache", default=None, metavar="DIR", help=IMAGE_CACHE_HELP)
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run, e.g. train.epochs=5")
     b.set_defaults(func=cmd_bench)
 
@@ -559,7 +569,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     values = load_grid_file(args.grid) if args.grid is not None else {}
     for key in ("methods", "datasets", "protocols", "shots", "seeds", "root", "out", "config_name", "executor",
                 "workers", "threads", "ray_address", "model", "pretrained", "precision", "device", "targets",
-                "feature_cache"):
+                "feature_cache", "image_cache"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     values["overrides"] = list(values.get("overrides") or []) + list(args.overrides)

@@ -32,7 +32,7 @@ replace the file's values, and command-line ``KEY=VALUE`` overrides apply after 
       coop: [train.lr=0.01]
     executor: local            # or ray (ray_address: auto / ray://HOST:10001; default a local instance)
     workers: 2                 # local worker processes; threads per run default to cores // workers
-    model: vladapt-tiny        # also: pretrained, precision, device, feature_cache, targets, threads
+    model: vladapt-tiny        # also: pretrained, precision, device, feature_cache, image_cache, targets, threads
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class BenchSpec:
     device: str = "cpu"
     feature_cache: str | None = None  # None: $VLADAPT_FEATURE_CACHE or ~/.cache/vladapt/features; "none"
     targets: list[str] | None = None
+    image_cache: str | None = None  # decoded test images (vladapt.data.decoded); None or "none": off
     synth_per_class: tuple[int, int, int] = (40, 10, 30)  # images per class of a synthetic dataset written here
 
 
@@ -134,8 +135,9 @@ def make_spec(values: dict[str, Any]) -> BenchSpec:
     v = {k: x for k, x in values.items() if x is not None}
     # absolute: worker processes and Ray tasks may not start in this directory
     v["root"], v["out"] = Path(v["root"]).expanduser().absolute(), Path(v.get("out", "runs")).expanduser().absolute()
-    if v.get("feature_cache") and str(v["feature_cache"]).strip().lower() != "none":
-        v["feature_cache"] = str(Path(v["feature_cache"]).expanduser().absolute())
+    for key in ("feature_cache", "image_cache"):
+        if v.get(key) and str(v[key]).strip().lower() != "none":
+            v[key] = str(Path(v[key]).expanduser().absolute())
     for key in ("shots", "seeds"):
         if key in v:
             bad = [x for x in v[key] if not isinstance(x, int) or isinstance(x, bool)]
@@ -182,6 +184,7 @@ class Job:
     feature_cache: str | None
     targets: list[str] | None
     threads: int
+    image_cache: str | None = None
 
     @property
     def key(self) -> tuple:
@@ -270,7 +273,7 @@ def plan(spec: BenchSpec) -> tuple[list[Job], list[str]]:
                     for seed in spec.seeds:
                         jobs.append(Job(method, protocol, dataset, shots, seed, method_cfg, train_cfg, str(spec.out),
                                         str(spec.root), spec.model, spec.pretrained, spec.precision, spec.device,
-                                        spec.feature_cache, spec.targets, threads))
+                                        spec.feature_cache, spec.targets, threads, image_cache=spec.image_cache))
     return jobs, notes
 
 
@@ -415,6 +418,7 @@ def write_failure(job: Job, error: BaseException | str, trace: str, seconds: flo
 def _run(job: Job) -> dict[str, Any]:
     from vladapt.bench.grid import run_grid
     from vladapt.config import to_dict
+    from vladapt.data.decoded import image_cache_option
     from vladapt.engine.feature_cache import FeatureCache, cache_dir_option
     from vladapt.engine.precision import precision_name
     from vladapt.io import atomic_write_json
@@ -423,7 +427,8 @@ def _run(job: Job) -> dict[str, Any]:
     backbone = _backbone(job)
     cache = cache_dir_option(job.feature_cache)
     settings = RunSettings(backbone=backbone, root=Path(job.root), method=job.method, method_config=job.method_config,
-                           device=job.device, progress=False, feature_cache=FeatureCache(cache))
+                           device=job.device, progress=False, feature_cache=FeatureCache(cache),
+                           image_cache=image_cache_option(job.image_cache))
     atomic_write_json(job.run_dir / "config.json", {
         "method": job.method, "protocol": job.protocol, "dataset": job.dataset, "shots": job.shots, "seed": job.seed,
         "method_config": job.method_config,

@@ -38,6 +38,7 @@ class DemoSettings:
     overrides: list[str] = field(default_factory=list)
     device: str = "cpu"
     progress: bool = True
+    image_cache: str | Path | None = None  # decoded test images (vladapt.data.decoded); None or "none": off
 
 
 def demo_run_config(method: str, overrides: list[str]):
@@ -89,9 +90,11 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
 
     records = []
     # one cache for the whole demo: feature-level methods share their frozen features across seeds and methods
+    from vladapt.data.decoded import image_cache_option
     from vladapt.engine.feature_cache import FeatureCache
 
     features = FeatureCache(s.out / "features")
+    images = image_cache_option(s.image_cache)  # decoded test images, shared the same way (None: off)
     for method in methods:
         trainable = registered[method].trainable
         for dataset in datasets:
@@ -100,7 +103,8 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
                 overrides[:0] = description_overrides(registered[method].cls.Config, dataset, root)
             method_cfg, train_cfg = demo_run_config(method, overrides) if trainable else ({}, None)
             settings = RunSettings(backbone=backbone, root=root, method=method, method_config=method_cfg,
-                                   device=s.device, progress=s.progress, feature_cache=features)
+                                   device=s.device, progress=s.progress, feature_cache=features,
+                                   image_cache=images)
             records += run_grid(settings, "base2new", dataset, [s.shots], s.seeds, s.out / "records",
                                 train_config=train_cfg, report=False, on_record=show if s.progress else None)
     report = "# vladapt demo\n\n" + _summary_table(records, methods, datasets) + "\n" + base2new_table(records)

@@ -49,6 +49,8 @@ class RunSettings:
     evaluate: bool = True  # False in the helper processes of a data-parallel run: only rank 0 evaluates
     # Frozen image features of feature-level methods (None: kept in memory for one run only)
     feature_cache: Any = None
+    # Decoded, resized and cropped test images of image-level methods (None: decode at every evaluation)
+    image_cache: Path | None = None
 
 
 def build_method(settings: RunSettings, classnames: list[str], dataset: str):
@@ -60,11 +62,22 @@ def build_method(settings: RunSettings, classnames: list[str], dataset: str):
     return method.to(settings.device)
 
 
-def _test_loader(settings: RunSettings, splits: DatasetSplits) -> DataLoader:
+def _test_loader(settings: RunSettings, splits: DatasetSplits, desc: str = "eval"):
+    """Batches ``(images, labels)`` of ``splits.test`` through the backbone's test transform: from the
+    decoded-image cache when ``settings.image_cache`` is set (and can serve the transform), else decoded."""
     from vladapt.data import ImageDataset
 
+    if settings.image_cache is not None:
+        from vladapt.data.decoded import evaluation_loader
+
+        loader = evaluation_loader(splits.test, splits.image_root, settings.backbone.test_transform,
+                                   settings.image_cache, settings.batch_size, device=settings.device,
+                                   workers=settings.workers, progress=settings.progress, desc=desc)
+        if loader is not None:
+            return loader
     return DataLoader(ImageDataset(splits.test, splits.image_root, settings.backbone.test_transform),
-                      batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers)
+                      batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers,
+                      pin_memory=str(settings.device).startswith("cuda"))
 
 
 def _item(res, splits: DatasetSplits, method) -> dict[str, Any]:
@@ -86,7 +99,7 @@ def evaluate_items(settings: RunSettings, method, splits: DatasetSplits, dataset
         loader = DataLoader(TensorDataset(source.test_features(splits), labels), batch_size=settings.batch_size)
         predict = method.feature_logits
     else:
-        loader = _test_loader(settings, splits)
+        loader = _test_loader(settings, splits, desc)
         predict = method
     res = evaluate(predict, loader, splits.num_classes, device=settings.device, progress=settings.progress, desc=desc)
     return _item(res, splits, method)
@@ -115,7 +128,7 @@ def evaluate_items_many(settings: list[RunSettings], methods: list, splits: Data
             on_images[str(i)] = method
     if on_images:
         first = settings[int(next(iter(on_images)))]
-        many = evaluate_many(on_images, _test_loader(first, splits), splits.num_classes, device=first.device,
+        many = evaluate_many(on_images, _test_loader(first, splits, desc), splits.num_classes, device=first.device,
                              progress=first.progress, desc=desc)
         for key, res in many.items():
             results[int(key)] = _item(res, splits, on_images[key])
