@@ -1,32 +1,45 @@
-"""HeBA training step on ViT-B/16 (random weights): fp32 vs vladapt's fastest CPU path, side by side.
+"""HeBA's training step on ViT-B/16 (random weights): the released reference code vs vladapt, side by side.
 
-    python benchmarks/heba_step.py [--steps 3] [--batch 16] [--classes 50]
+    python benchmarks/heba_step.py [--reference CHECKOUT] [--steps 3] [--batch 16] [--classes 50]
+                                   [--threads N] [--bf16] [--profile]
 
-Setting (issue "Training engine and HeBA"): batch 16 images of 16 different classes out of 50, so
-negative sampling (ratio 5) puts all 50 classes into the step's text batch. Each precision runs in
-its own process so that peak RSS is measured per configuration. Printed: seconds per training step,
-images/s, HeBA forward vs frozen forward (both without gradients), and peak RSS.
+Setting: a batch of ``--batch`` images of different classes out of ``--classes``; negative sampling
+(ratio 5) puts all classes into the step's text batch; adapters at both positions of all 12 blocks
+of both towers (HeBA's base-to-new configuration). Each column runs in its own process, so that
+peak RSS is measured per configuration:
 
-For scale (measured on a 2-core CPU): the released reference implementation takes 24.2 s per step
-(0.66 img/s) with a peak RSS of 11.7 GB in fp32.
+* ``reference``: the authors' released trainer (github.com/Jahid12012021/VLM-HeBA), imported from
+  ``--reference CHECKOUT`` and run in fp32 as ``parity_heba.py`` runs it (Dassl replaced by stubs,
+  the same random ViT-B/16 weights); skipped with a message when no checkout is given;
+* ``vladapt fp32``, and ``vladapt auto`` (the precision ``precision: auto`` picks on this machine,
+  :mod:`vladapt.engine.precision`; when that is fp32 the fp32 column stands for it);
+* ``vladapt bf16`` with ``--bf16`` (on a CPU without native bf16 instructions this is very slow).
+
+Printed per column: seconds per step (best of ``--steps`` after a warm-up), images/s, speed-up
+over the reference, the FLOPs of one step (counted with ``torch.utils.flop_counter`` during the
+warm-up, with a formula for grouped-convolution gradients that counts their real work), the
+achieved GFLOP/s and its fraction of this CPU's matmul peak (measured in its own process in the
+same run), and peak RSS. ``--profile`` adds the top-10 operators of vladapt's fp32 step
+(``torch.profiler``, by self CPU time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-REFERENCE = {"seconds_per_step": 24.2, "images_per_second": 0.66, "peak_rss_gib": 11.7 / 1.073741824}
+HERE = Path(__file__).resolve().parent
 
 
 def _best(fn, repeats: int) -> float:
-    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -35,89 +48,224 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def child(precision: str, steps: int, batch: int, classes: int) -> dict:
-    from vladapt.backbones import ForwardContext, load_clip
-    from vladapt.engine.train import StepInfo, autocast_context, build_optimizer
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB -> GiB
+
+
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Input and weight gradients of a (grouped) convolution: each costs what the forward costs,
+    2 * |output| * |weight per output channel| (the weight shape already holds C_in / groups)."""
+    per = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
+    return per * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _counted_flops(step) -> float:
+    """Run ``step`` once under the FLOP counter; returns GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}) as fc:
+        step()
+    return fc.get_total_flops() / 1e9
+
+
+# --------------------------------------------------------------------------- children
+def child_peak(threads: int) -> dict:
+    """This CPU's matmul peak in GFLOP/s: fp32 on the step's large shapes, bf16 on a small one."""
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype, shapes in (("fp32", torch.float32, [(3152, 768, 3072), (2048, 2048, 2048)]),
+                                ("bf16", torch.bfloat16, [(512, 512, 512)])):
+        best = 0.0
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            a @ b
+            t = _best(lambda: a @ b, 3)
+            best = max(best, 2 * m * k * n / t / 1e9)
+        out[name] = best
+    return out
+
+
+def child_vladapt(precision: str, steps: int, batch: int, classes: int, threads: int, profile: bool) -> dict:
+    from vladapt.backbones import load_clip
+    from vladapt.engine.precision import precision_dtype
     from vladapt.engine.runconfig import resolve_run_config
+    from vladapt.engine.train import StepInfo, _all_finite, autocast_context, build_optimizer
     from vladapt.methods import create_method
 
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    bb = load_clip("ViT-B-16-quickgelu", dtype=dtype)
-    names = [f"class number {i}" for i in range(classes)]
-    heba = create_method("heba", bb, names)
-    method_cfg, train_cfg = resolve_run_config("heba", "base2new")
+    bb = load_clip("ViT-B-16-quickgelu", dtype=precision_dtype(precision))
+    heba = create_method("heba", bb, [f"class number {i}" for i in range(classes)])
+    _, train_cfg = resolve_run_config("heba", "base2new")
     params = [p for p in heba.parameters() if p.requires_grad]
     opt = build_optimizer(train_cfg, params)
     images = torch.randn(batch, 3, 224, 224)
     labels = torch.arange(batch) % classes
-    tokens = bb.tokenizer(heba.bank.all_for_template(0))
+    seen = {}
 
-    def step_fn():
-        step = StepInfo(0, 0, torch.Generator().manual_seed(0), labels, slice(0, batch), batch)
+    def step():  # what the engine's fit does per step
+        info = StepInfo(0, 0, torch.Generator().manual_seed(0), labels, slice(0, batch), batch)
         with autocast_context(precision, "cpu"):
-            out = heba.training_step(images, labels, step)
+            out = heba.training_step(images, labels, info)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        if not _all_finite([p.grad for p in params]):
+            raise SystemExit("non-finite gradient")
         opt.step()
-        return out
+        seen["classes"] = out.logits.shape[1]
 
     heba.train()
-    n_classes_in_step = step_fn().logits.shape[1]
-    t_step = _best(step_fn, steps)
+    gflop = _counted_flops(step)  # also the warm-up
+    t = _best(step, steps)
+    res = {"name": f"vladapt {precision}", "seconds": t, "gflop": gflop, "classes_in_step": seen["classes"],
+           "trainable_parameters": heba.num_trainable_parameters(), "threads": torch.get_num_threads()}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
 
-    def frozen_forward():
-        with torch.no_grad(), autocast_context(precision, "cpu"):
-            bb.model.encode_image(images)
-            bb.model.encode_text(tokens)
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            step()
+        res["profile"] = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+    res["peak_rss_gib"] = _rss_gib()
+    return res
 
-    def heba_forward():
-        ctx = ForwardContext(lambda tower, layer: 0.025)
-        with torch.no_grad(), autocast_context(precision, "cpu"), heba.attached():
-            bb.model.encode_image(images, ctx)
-            bb.model.encode_text(tokens, ctx)
 
-    t_frozen = _best(frozen_forward, steps)
-    t_heba = _best(heba_forward, steps)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB -> GiB
-    return {"precision": precision, "seconds_per_step": t_step, "images_per_second": batch / t_step,
-            "classes_in_step": n_classes_in_step, "frozen_forward": t_frozen, "heba_forward": t_heba,
-            "forward_ratio": t_heba / t_frozen, "peak_rss_gib": rss,
-            "trainable_parameters": heba.num_trainable_parameters(), "threads": torch.get_num_threads()}
+def _random_vit_b16_state_dict() -> dict:
+    """ViT-B/16 random weights under OpenAI's parameter names (vladapt's are the same), rounded to fp16
+    as OpenAI's checkpoints are."""
+    from vladapt.backbones import load_clip
+
+    model = load_clip("ViT-B-16-quickgelu").model
+    return {k: v.detach().to(torch.float16).clone() for k, v in model.state_dict().items()}
+
+
+def child_reference(checkout: str, steps: int, batch: int, classes: int, threads: int) -> dict:
+    import importlib
+    import tempfile
+
+    sys.path.insert(0, str(HERE))
+    import parity_common as pc
+
+    torch.set_num_threads(threads)
+    pc.prepare_checkout(Path(checkout))
+    stub = type(sys)("trainers.gpt3_prompts")  # the released module does not import (see parity_heba.py)
+    stub.load_CuPL_templates = lambda dataset_name: {}
+    sys.modules["trainers.gpt3_prompts"] = stub
+    clip = importlib.import_module("clip.clip")
+    heba = importlib.import_module("trainers.heba")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "vit_b16_fp16.pt"
+        torch.save(_random_vit_b16_state_dict(), weights)
+        pc.point_loader_at(clip, "ViT-B/16", weights)
+        cfg = {
+            "MODEL": {"BACKBONE": {"NAME": "ViT-B/16"}, "INIT_WEIGHTS": ""},
+            "INPUT": {"SIZE": [224, 224]},
+            "DATASET": {"NAME": "Benchmark"},
+            "OPTIM": {},
+            "TRAINER": {"HeBA": {"PREC": "fp32", "ADAPTER_START": 1, "ADAPTER_END": 12, "ADAPTER_SCALE_BASE": 0.025,
+                                 "ADAPTER_SCALE_NOVEL": 0.010, "ADAPTER_SCALE_FACTOR": 2.25, "SLOW_FAST_RATIO": 0.8,
+                                 "NEG_SAMPLING_RATIO": 5, "TEXT_CTX_INIT": "a photo of a"}},
+        }
+        torch.manual_seed(0)
+        trainer = pc.build_trainer(heba.HeBA, cfg, [f"class number {i}" for i in range(classes)])
+    images = torch.randn(batch, 3, 224, 224)
+    labels = torch.arange(batch) % classes
+    trainer.set_model_mode("train")
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0075, momentum=0.9, weight_decay=5e-4)  # the stub trainer does not step
+
+    def step():
+        trainer.forward_backward({"img": images, "label": labels})
+        opt.step()
+
+    gflop = _counted_flops(step)
+    t = _best(step, steps)
+    return {"name": "reference fp32", "seconds": t, "gflop": gflop,
+            "trainable_parameters": sum(p.numel() for p in params), "threads": torch.get_num_threads(),
+            "peak_rss_gib": _rss_gib()}
+
+
+# --------------------------------------------------------------------------- driver
+def _run_child(args: argparse.Namespace, *child: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", *child, "--steps", str(args.steps), "--batch", str(args.batch),
+           "--classes", str(args.classes), "--threads", str(args.threads)]
+    if args.reference:
+        cmd += ["--reference", args.reference]
+    if args.profile:
+        cmd += ["--profile"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(child)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reference", default=None, help="a checkout of github.com/Jahid12012021/VLM-HeBA")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per column (best of)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--classes", type=int, default=50)
-    ap.add_argument("--child", choices=["fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--bf16", action="store_true", help="also time vladapt in bf16 (slow without native bf16)")
+    ap.add_argument("--profile", action="store_true", help="print the top-10 operators of vladapt's fp32 step")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch, args.classes)))
+        kind = args.child[0]
+        if kind == "peak":
+            res = child_peak(args.threads)
+        elif kind == "reference":
+            res = child_reference(args.reference, args.steps, args.batch, args.classes, args.threads)
+        else:
+            res = child_vladapt(args.child[1], args.steps, args.batch, args.classes, args.threads,
+                                args.profile and args.child[1] == "fp32")
+        print(json.dumps(res))
         return
-    rows = []
-    for precision in ("fp32", "bf16"):
-        out = subprocess.run([sys.executable, __file__, "--child", precision, "--steps", str(args.steps),
-                              "--batch", str(args.batch), "--classes", str(args.classes)],
-                             capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    r = rows[0]
-    print(f"HeBA on ViT-B/16, batch {args.batch}, {r['classes_in_step']} classes in the step, "
-          f"{r['trainable_parameters']:,} trainable parameters, {r['threads']} threads\n")
-    print(f"{'':<26}{'reference fp32':>16}" + "".join(f"{'vladapt ' + x['precision']:>16}" for x in rows))
-    print(f"{'seconds per step':<26}{REFERENCE['seconds_per_step']:>16.2f}"
-          + "".join(f"{x['seconds_per_step']:>16.2f}" for x in rows))
-    print(f"{'images per second':<26}{REFERENCE['images_per_second']:>16.2f}"
-          + "".join(f"{x['images_per_second']:>16.2f}" for x in rows))
-    print(f"{'speed-up vs reference':<26}{1.0:>15.2f}x"
-          + "".join(f"{REFERENCE['seconds_per_step'] / x['seconds_per_step']:>15.2f}x" for x in rows))
-    print(f"{'frozen forward (s)':<26}{'':>16}" + "".join(f"{x['frozen_forward']:>16.2f}" for x in rows))
-    print(f"{'HeBA forward (s)':<26}{'':>16}" + "".join(f"{x['heba_forward']:>16.2f}" for x in rows))
-    print(f"{'HeBA / frozen forward':<26}{'':>16}" + "".join(f"{x['forward_ratio']:>15.2f}x" for x in rows))
-    print(f"{'peak RSS (GiB)':<26}{REFERENCE['peak_rss_gib']:>16.2f}" + "".join(f"{x['peak_rss_gib']:>16.2f}" for x in rows))
-    print("\ntargets: <= 8 s per step (aim 4 s), HeBA forward <= 1.9x frozen (1.68x is the FLOP floor), "
-          "peak RSS < 6 GiB")
+
+    from vladapt.engine.precision import auto_precision, cpu_bf16_instructions
+
+    auto = auto_precision("cpu")
+    peak = _run_child(args, "peak")
+    cols = []
+    if args.reference:
+        cols.append(_run_child(args, "reference"))
+    else:
+        print("reference: no --reference CHECKOUT of the authors' VLM-HeBA code given; its column is skipped\n")
+    cols.append(_run_child(args, "vladapt", "fp32"))
+    if auto != "fp32":
+        cols.append(_run_child(args, "vladapt", auto))
+    if args.bf16 and auto != "bf16":
+        cols.append(_run_child(args, "vladapt", "bf16"))
+    ref = cols[0] if args.reference else None
+    v = cols[-1]
+    print(f"HeBA on ViT-B/16 (random weights), batch {args.batch}, {v['classes_in_step']} classes in the step, "
+          f"{v['trainable_parameters']:,} trainable parameters, {args.threads} threads")
+    print(f"CPU bf16 instructions: {cpu_bf16_instructions() or 'none'}; precision auto = {auto}"
+          + (" (the fp32 column)" if auto == "fp32" else ""))
+    print(f"matmul peak of this CPU: fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s\n")
+    w = 18
+    print(f"{'':<30}" + "".join(f"{c['name']:>{w}}" for c in cols))
+
+    def row(label, fmt):
+        print(f"{label:<30}" + "".join(f"{fmt(c):>{w}}" for c in cols))
+
+    row("seconds per step", lambda c: f"{c['seconds']:.2f}")
+    row("images per second", lambda c: f"{args.batch / c['seconds']:.2f}")
+    if ref:
+        row("speed-up over the reference", lambda c: f"{ref['seconds'] / c['seconds']:.2f}x")
+    row("GFLOP per step (counted)", lambda c: f"{c['gflop']:.0f}")
+    row("achieved GFLOP/s", lambda c: f"{c['gflop'] / c['seconds']:.1f}")
+
+    def frac(c):
+        p = peak["bf16"] if "bf16" in c["name"] else peak["fp32"]
+        return f"{100 * c['gflop'] / c['seconds'] / p:.0f}%"
+
+    row("fraction of the matmul peak", frac)
+    row("step at the peak (s)", lambda c: f"{c['gflop'] / (peak['bf16'] if 'bf16' in c['name'] else peak['fp32']):.2f}")
+    row("peak RSS (GiB)", lambda c: f"{c['peak_rss_gib']:.2f}")
+    for c in cols:
+        if c.get("profile"):
+            print(f"\n{c['name']}: top-10 operators of one step\n{c['profile']}")
 
 
 if __name__ == "__main__":

@@ -195,6 +195,64 @@ def grad_scale(x: Tensor, scale: float) -> Tensor:
     return _GradScale.apply(x, float(scale))
 
 
+class _ForwardScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        return y * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def forward_scale(y: Tensor, scale: float) -> Tensor:
+    """``GS_{1/s}(s * y)`` in one op: ``s * y`` in the forward pass, while ``y`` receives exactly the
+    incoming gradient (the composition would multiply it by ``1/s`` and then by ``s``, two passes
+    over the tensor that round to the same value up to the last bit)."""
+    return _ForwardScale.apply(y, float(scale))
+
+
+class _ScaledAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, y: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        return torch.add(h, y, alpha=scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        return grad, grad, None
+
+
+def scaled_add(h: Tensor, y: Tensor, scale: float) -> Tensor:
+    """``h + GS_{1/s}(s * y)`` in one op: ``h + s * y`` forward; ``h`` and ``y`` both receive exactly the
+    incoming gradient (:func:`forward_scale` fused with the residual addition)."""
+    if h.dtype != y.dtype or h.shape != y.shape:
+        return h + forward_scale(y, scale)
+    return _ScaledAdd.apply(h, y, float(scale))
+
+
+class _SplitPrefix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.p, ctx.shape = p, x.shape
+        return x[:, :p].clone(), x[:, p:]
+
+    @staticmethod
+    def backward(ctx, g_prefix: Tensor | None, g_rest: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
+        b, _, *rest = ctx.shape
+        like = g_rest if g_rest is not None else g_prefix
+        if g_prefix is None:
+            g_prefix = like.new_zeros(b, ctx.p, *rest)
+        if g_rest is None:
+            g_rest = like.new_zeros(b, ctx.shape[1] - ctx.p, *rest)
+        return torch.cat([g_prefix, g_rest], dim=1), None
+
+
+def split_prefix(x: Tensor, p: int) -> tuple[Tensor, Tensor]:
+    """``(x[:, :p], x[:, p:])`` of tokens ``[B, N, ...]`` whose backward writes the gradient of ``x``
+    once (one concatenation) instead of zero-filling and copying a full-size tensor per part."""
+    return _SplitPrefix.apply(x, int(p))
+
+
 class ScaledResidual(nn.Module):
     """R_s(h) = h + GS_{1/s}(s * B(GS_s(h))) around a branch module B.
 
@@ -213,4 +271,4 @@ class ScaledResidual(nn.Module):
         s = self.scale if scale is None else float(scale)
         if s == 0.0:
             return h
-        return h + grad_scale(s * self.branch(grad_scale(h, s), *args, **kwargs), 1.0 / s)
+        return scaled_add(h, self.branch(grad_scale(h, s), *args, **kwargs), s)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vladapt.backbones import CLIPModel, ForwardContext, InsertionPoint, ScaledResidual
+from vladapt.backbones import CLIPModel, ForwardContext, InsertionPoint, ScaledResidual, split_prefix
 from vladapt.errors import ConfigError
 from vladapt.methods.adapters import SlowFastScale, adapter_key, attach_modules, detach_modules
 
@@ -175,8 +175,9 @@ class PointResidual(nn.Module):
         p = self.layout.num_prefix
         if x.shape[1] == p:  # only the prefix tokens (the last block's CLS-only tail): passed through
             return self._zero_gradient_edge(x)
-        patches = self.residual(x[:, p:].to(compute), scale=s, grid=self.layout.grid).to(x.dtype)
-        return torch.cat([x[:, :p], patches], dim=1)
+        prefix, patches = split_prefix(x, p)
+        patches = self.residual(patches.to(compute), scale=s, grid=self.layout.grid).to(x.dtype)
+        return torch.cat([prefix, patches], dim=1)
 
     def _zero_gradient_edge(self, x: Tensor) -> Tensor:
         """``x`` unchanged, tied (times 0) to the branch's trainable weights when gradients are on:

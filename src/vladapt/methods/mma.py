@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vladapt.backbones import Backbone, ForwardContext, InsertionPoint, grad_scale
+from vladapt.backbones import Backbone, ForwardContext, InsertionPoint, forward_scale, grad_scale
 from vladapt.methods.adapters import AdapterMethod, block_range, build_point_modules, check_towers
 from vladapt.methods.registry import register_method
 
@@ -102,7 +102,7 @@ class MMABranch(nn.Module):
         s = self.scale if s is None else s
         if s == 0.0:
             return torch.zeros_like(h)
-        return grad_scale(s * self.branch(grad_scale(h, s)), 1.0 / s).to(h.dtype)
+        return forward_scale(self.branch(grad_scale(h, s)), s).to(h.dtype)
 
     def extra_repr(self) -> str:
         return f"point={self.point.name}, scale={self.scale}, shared={self.shared is not None}"
