@@ -31,7 +31,8 @@ bmi2 rdseed adx smap clflushopt clwb sha_ni xsaveopt xsavec xgetbv1 clzero xsave
 X86_AVX512_BF16 = X86_AVX2.replace("model name\t: AMD EPYC 7B12", "model name\t: AMD EPYC 9B14").replace(
     " avx2 ", " avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16 avx512vbmi avx512_vnni ")
 X86_AMX = X86_AVX2.replace("AuthenticAMD", "GenuineIntel").replace(
-    " avx2 ", " avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8 ")
+    " avx2 ", " avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16 "
+              "amx_bf16 amx_tile amx_int8 ")
 ARM_NO_BF16 = """processor\t: 0
 BogoMIPS\t: 243.75
 Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs
