@@ -41,6 +41,18 @@ def _cpuinfo_flags(text: str) -> set[str]:
     return flags
 
 
+def _cpuinfo_text() -> str | None:
+    """The text of ``/proc/cpuinfo``; ``None`` where the system has none (not Linux), ``""`` when it
+    cannot be read."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return None
+    try:
+        return cpuinfo.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_instructions() -> str | None:
     """The CPU's native bf16 instruction set (``"avx512_bf16"``, ``"amx_bf16"``, ``"arm_bf16"``), or
@@ -54,12 +66,9 @@ def cpu_bf16_instructions() -> str | None:
         if caps.get(name):
             return name
     machine = platform.machine().lower()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        try:
-            flags = _cpuinfo_flags(cpuinfo.read_text(errors="replace"))
-        except OSError:
-            flags = set()
+    text = _cpuinfo_text()
+    if text is not None:
+        flags = _cpuinfo_flags(text)
         found = sorted(flags & _X86_BF16)
         if found:
             return found[0]
