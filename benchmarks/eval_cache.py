@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -26,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf_common import counted_gflop, matmul_peak  # noqa: E402
 
 CLASSES = ["airplane", "bicycle", "bird", "boat", "car", "cat", "dog", "flower", "horse", "truck"]
 
@@ -105,7 +109,10 @@ def run_case(model: str, items: list, folder: Path, cache: Path, batch_size: int
     reading = evaluation_loader(items, folder, backbone.test_transform, cache, batch_size, progress=False)
     loaders = (max(loader_rate(decoding, len(items)) for _ in range(repeats)),
                max(loader_rate(reading, len(items)) for _ in range(repeats)))
-    return {"plain": plain, "build": build, "hit": hit, "loaders": loaders}
+    probe = torch.stack([backbone.test_transform(Image.open(folder / d.path)) for d in items[:8]])
+    with torch.no_grad():
+        gflop = counted_gflop(lambda: method(probe)) / len(probe)  # the model's work per image
+    return {"plain": plain, "build": build, "hit": hit, "loaders": loaders, "gflop": gflop}
 
 
 def main() -> None:
@@ -145,6 +152,14 @@ def main() -> None:
     for label, n, r in rows:
         cells = " | ".join(f"{r[k][0]:.1f} ({r[k][1]:.1f})" for k in ("plain", "build", "hit"))
         print(f"| {label} | {n} | {cells} | {r['hit'][0] / r['plain'][0]:.2f}x | {r['hit'][1] / r['plain'][1]:.2f}x |")
+    peak = matmul_peak(args.threads)["fp32"]
+    print(f"\nthe model's work at this CPU's fp32 matmul peak ({peak:.1f} GFLOP/s, measured now): the share of the "
+          "peak each evaluation reaches\n")
+    print("| backbone | GFLOP / image | no cache | cache hit |")
+    print("|---|---:|---:|---:|")
+    for label, _, r in rows:
+        print(f"| {label} | {r['gflop']:.3f} | {100 * r['plain'][0] * r['gflop'] / peak:.1f}% "
+              f"| {100 * r['hit'][0] * r['gflop'] / peak:.1f}% |")
     print("\ninput pipeline alone (iterating the evaluation loader, no model); images per wall second\n")
     print("| backbone | decoding | reading the cache | ratio |")
     print("|---|---:|---:|---:|")

@@ -27,65 +27,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
-
-
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+sys.path.insert(0, str(HERE))
+from perf_common import best_time, counted_gflop, matmul_peak  # noqa: E402
 
 
 def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB -> GiB
 
 
-def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
-    """Input and weight gradients of a (grouped) convolution: each costs what the forward costs,
-    2 * |output| * |weight per output channel| (the weight shape already holds C_in / groups)."""
-    per = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
-    return per * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
-def _counted_flops(step) -> float:
-    """Run ``step`` once under the FLOP counter; returns GFLOP."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}) as fc:
-        step()
-    return fc.get_total_flops() / 1e9
-
-
 # --------------------------------------------------------------------------- children
-def child_peak(threads: int) -> dict:
-    """This CPU's matmul peak in GFLOP/s: fp32 on the step's large shapes, bf16 on a small one."""
-    torch.set_num_threads(threads)
-    out = {}
-    for name, dtype, shapes in (("fp32", torch.float32, [(3152, 768, 3072), (2048, 2048, 2048)]),
-                                ("bf16", torch.bfloat16, [(512, 512, 512)])):
-        best = 0.0
-        for m, k, n in shapes:
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-            a @ b
-            t = _best(lambda: a @ b, 3)
-            best = max(best, 2 * m * k * n / t / 1e9)
-        out[name] = best
-    return out
-
-
 def child_vladapt(precision: str, steps: int, batch: int, classes: int, threads: int, profile: bool) -> dict:
     from vladapt.backbones import load_clip
     from vladapt.engine.precision import precision_dtype
@@ -116,8 +74,8 @@ def child_vladapt(precision: str, steps: int, batch: int, classes: int, threads:
         seen["classes"] = out.logits.shape[1]
 
     heba.train()
-    gflop = _counted_flops(step)  # also the warm-up
-    t = _best(step, steps)
+    gflop = counted_gflop(step)  # also the warm-up
+    t = best_time(step, steps)
     res = {"name": f"vladapt {precision}", "seconds": t, "gflop": gflop, "classes_in_step": seen["classes"],
            "trainable_parameters": heba.num_trainable_parameters(), "threads": torch.get_num_threads()}
     if profile:
@@ -143,7 +101,6 @@ def child_reference(checkout: str, steps: int, batch: int, classes: int, threads
     import importlib
     import tempfile
 
-    sys.path.insert(0, str(HERE))
     import parity_common as pc
 
     torch.set_num_threads(threads)
@@ -178,8 +135,8 @@ def child_reference(checkout: str, steps: int, batch: int, classes: int, threads
         trainer.forward_backward({"img": images, "label": labels})
         opt.step()
 
-    gflop = _counted_flops(step)
-    t = _best(step, steps)
+    gflop = counted_gflop(step)
+    t = best_time(step, steps)
     return {"name": "reference fp32", "seconds": t, "gflop": gflop,
             "trainable_parameters": sum(p.numel() for p in params), "threads": torch.get_num_threads(),
             "peak_rss_gib": _rss_gib()}
@@ -213,7 +170,7 @@ def main() -> None:
     if args.child:
         kind = args.child[0]
         if kind == "peak":
-            res = child_peak(args.threads)
+            res = matmul_peak(args.threads)
         elif kind == "reference":
             res = child_reference(args.reference, args.steps, args.batch, args.classes, args.threads)
         else:

@@ -15,10 +15,15 @@ outside it, so the measured speed-up is a little lower.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf_common import counted_gflop, matmul_peak  # noqa: E402
 
 CLASSES = ["cat", "dog", "red star", "blue ring", "green cross", "yellow square", "car", "tree", "house", "boat"]
 
@@ -62,9 +67,12 @@ def run(model: str, start: int, args) -> tuple:
         shared_s = min(shared_s, time.perf_counter() - t0)
     if shared != plain:
         raise SystemExit(f"{model}: the shared-prefix results differ from the plain ones")
+    plain_gflop = counted_gflop(lambda: [evaluate(m, loader, len(CLASSES), progress=False) for m in methods.values()])
+    shared_gflop = counted_gflop(lambda: evaluate_many(methods, loader, len(CLASSES), progress=False))
     layers, n, k = backbone.model.visual.num_layers, args.checkpoints, start
     ideal = n * layers / ((k - 1) + n * (layers - k + 1))
-    return model, layers, k, n, args.images, plain_s, shared_s, plain_s / shared_s, ideal
+    return (model, layers, k, n, args.images, plain_s, shared_s, plain_s / shared_s, ideal,
+            plain_gflop / plain_s, shared_gflop / shared_s, plain_gflop / shared_gflop)
 
 
 def main() -> None:
@@ -80,11 +88,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, fp32")
     rows = [run(spec.rsplit(":", 1)[0], int(spec.rsplit(":", 1)[1]), args) for spec in args.models]
-    head = ("model", "L", "k", "N", "M", "plain s", "shared s", "speed-up", "ideal")
+    peak = matmul_peak()["fp32"]
+    head = ("model", "L", "k", "N", "M", "plain s", "shared s", "speed-up", "ideal", "FLOP ratio",
+            "plain % of peak", "shared % of peak")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
-    for model, layers, k, n, m, plain_s, shared_s, speedup, ideal in rows:
-        print(f"| {model} | {layers} | {k} | {n} | {m} | {plain_s:.2f} | {shared_s:.2f} | {speedup:.2f}x | {ideal:.2f}x |")
+    for model, layers, k, n, m, plain_s, shared_s, speedup, ideal, plain_rate, shared_rate, flop_ratio in rows:
+        print(f"| {model} | {layers} | {k} | {n} | {m} | {plain_s:.2f} | {shared_s:.2f} | {speedup:.2f}x | {ideal:.2f}x "
+              f"| {flop_ratio:.2f}x | {100 * plain_rate / peak:.0f}% | {100 * shared_rate / peak:.0f}% |")
+    print(f"fp32 matmul peak of this CPU, measured now: {peak:.1f} GFLOP/s; FLOP ratio: counted FLOPs plain / shared")
     print("results of the two paths: equal (accuracy, per-class counts)")
 
 

@@ -311,7 +311,8 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
             loader = [(feats[b[_shard(b, world, rank)]], labels_all[b[_shard(b, world, rank)]]) for b in batches]
         else:
             local = [[(epoch, i) for i in b[_shard(b, world, rank)]] for b in batches]
-            loader = DataLoader(dataset, batch_sampler=local, num_workers=cfg.workers)
+            loader = DataLoader(dataset, batch_sampler=local, num_workers=cfg.workers,
+                                pin_memory=str(device).startswith("cuda"))
         method.train()
         t0 = time.perf_counter()
         loss_sum = correct = count = 0.0

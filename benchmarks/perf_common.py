@@ -1,0 +1,61 @@
+"""Shared pieces of the performance benchmarks: this CPU's matmul peak and a step's counted FLOPs.
+
+Every benchmark prints its figures also as a fraction of the matmul peak measured in the same run,
+for the FLOPs its work needs (counted with ``torch.utils.flop_counter``), so that a ratio says how
+close to the hardware's limit a path is, not only how it compares with another path.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` (seconds)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_peak(threads: int | None = None) -> dict[str, float]:
+    """GFLOP/s of this CPU's matrix multiply with the current (or ``threads``) torch threads: fp32 on
+    the large shapes of a ViT-B/16 step (the better of two), bf16 on a small square one (bf16 without
+    native instructions is emulated and slow)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    out = {}
+    for name, dtype, shapes in (("fp32", torch.float32, [(3152, 768, 3072), (2048, 2048, 2048)]),
+                                ("bf16", torch.bfloat16, [(512, 512, 512)])):
+        best = 0.0
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            a @ b  # warm-up
+            best = max(best, 2 * m * k * n / best_time(lambda: a @ b, 3) / 1e9)
+        out[name] = best
+    return out
+
+
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Input and weight gradients of a (grouped) convolution: each costs what the forward costs,
+    2 * |output| * |weight per output channel| (the weight's shape already holds C_in / groups).
+    PyTorch's own formula ignores the groups and counts a depthwise convolution's gradients ~100x."""
+    per = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
+    return per * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def counted_gflop(fn: Callable[[], object]) -> float:
+    """Run ``fn`` once under the FLOP counter; returns its GFLOP (matmuls, convolutions, their gradients)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        fn()
+    return fc.get_total_flops() / 1e9
