@@ -432,3 +432,19 @@ def test_text_attention_refuses_a_query_subset(tiny):
     blk = tiny.model.transformer.resblocks[0]
     with pytest.raises(BackboneError, match="non-causal"):
         blk.attn(torch.randn(1, 5, tiny.model.cfg.text.width), causal=True, queries=1)
+
+
+def test_quick_gelu_saves_only_its_input_and_has_the_expressions_gradient():
+    from vladapt.backbones.model import QuickGELU
+
+    x = (torch.randn(16, 64) * 3).requires_grad_()
+    ref = x.detach().clone().requires_grad_()
+    y, y_ref = QuickGELU()(x), ref * torch.sigmoid(1.702 * ref)
+    assert torch.equal(y, y_ref)  # the same forward values
+    assert len(y.grad_fn.saved_tensors) == 1  # x only (autograd through the expression keeps x and the sigmoid)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-6, atol=1e-6)
+    xd = torch.randn(4, 6, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: QuickGELU()(t), (xd,))

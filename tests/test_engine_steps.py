@@ -108,3 +108,30 @@ def test_epoch_batches_partition_drop_the_last_batch_and_depend_on_seed_and_epoc
     assert epoch_batches(10, 4, seed=3, epoch=1) != b
     assert epoch_batches(10, 4, seed=4, epoch=0) != b
     assert sorted(epoch_batches(3, 8, seed=0, epoch=0)[0]) == [0, 1, 2]  # fewer items than a batch: one batch
+
+
+@pytest.mark.parametrize("momentum,nesterov,decay", [(0.9, False, 5e-4), (0.9, True, 5e-4), (0.0, False, 0.0)])
+def test_the_engines_sgd_is_the_fused_kernel_and_equals_the_multi_tensor_loop_bit_for_bit(momentum, nesterov, decay):
+    from vladapt.engine.train import TrainConfig, build_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(300, 64), (64,), (7, 3, 3)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    cfg = TrainConfig(lr=0.01, momentum=momentum, nesterov=nesterov, weight_decay=decay)
+
+    def run(make):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = make([{"params": params[:2]}, {"params": params[2:], "lr_scale": 0.1, "weight_decay": 0.0}])
+        for gs in grads:
+            for p, gr in zip(params, gs):
+                p.grad = gr.clone()
+            opt.step()
+        return opt, params
+
+    fused_opt, fused = run(lambda groups: build_optimizer(cfg, groups))
+    assert all(group["fused"] for group in fused_opt.param_groups)
+    _, loop = run(lambda groups: torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, weight_decay=decay,
+                                                 nesterov=nesterov, foreach=True))
+    for a, b in zip(fused, loop):
+        assert torch.equal(a, b)
