@@ -8,11 +8,13 @@ A file that cannot be written raises :class:`WriteError`, a :class:`~vladapt.err
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from vladapt.errors import VladaptError
@@ -97,3 +99,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Strict JSON (non-finite floats as ``null``), indented."""
     return atomic_write_text(path, dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def files_fingerprint(paths: Iterable[Path]) -> str:
+    """SHA-256 over each file's path, size and modification time (in order): any change to a file
+    changes it. Missing files are an error of the caller's data, reported by the loader, so they are
+    fingerprinted as missing rather than raised here."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

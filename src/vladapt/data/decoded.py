@@ -45,7 +45,8 @@ from torchvision import transforms as T
 from vladapt.backbones.transforms import ToRGB
 from vladapt.data import dataset as _dataset
 from vladapt.data.base import Datum
-from vladapt.engine.feature_cache import cache_key, files_fingerprint
+from vladapt.data.workers import unwrapped
+from vladapt.io import cache_key, files_fingerprint
 from vladapt.errors import ConfigError, DataError
 from vladapt.io import atomic_write_json
 
@@ -228,8 +229,6 @@ def _read(data: Path, header: Path, key: str, shape: tuple[int, ...]) -> np.memm
 def _build(data: Path, header: Path, key: str, parts: dict[str, Any], dataset: _PilImages, shape: tuple[int, ...],
            workers: int, progress: bool, desc: str) -> np.memmap:
     from tqdm.auto import tqdm
-
-    from vladapt.engine.workers import unwrapped
 
     header.unlink(missing_ok=True)  # a valid header only ever describes a complete data file
     data.parent.mkdir(parents=True, exist_ok=True)

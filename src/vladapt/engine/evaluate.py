@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vladapt.engine.workers import unwrapped
+from vladapt.data.workers import unwrapped
 from vladapt.errors import BackboneError
 
 

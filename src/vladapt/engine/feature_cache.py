@@ -17,18 +17,17 @@ entries in memory only (existing entries are still read).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from vladapt.io import atomic_write_bytes
+from vladapt.io import atomic_write_bytes, cache_key
 
 ENV_VAR = "VLADAPT_FEATURE_CACHE"
 
@@ -47,24 +46,6 @@ def cache_dir_option(where: str | None) -> Path | None:
     if where is None:
         return default_cache_dir()
     return None if where.strip().lower() == "none" else Path(where)
-
-
-def files_fingerprint(paths: Iterable[Path]) -> str:
-    """SHA-256 over each file's path, size and modification time (in order): any change to a file
-    changes it. Missing files are an error of the caller's data, reported by the loader, so they are
-    fingerprinted as missing rather than raised here."""
-    h = hashlib.sha256()
-    for p in paths:
-        try:
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{p}\0missing\n".encode())
-    return h.hexdigest()
-
-
-def cache_key(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class FeatureCache:

@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vladapt.data import DatasetSplits, Datum, ImageDataset
-from vladapt.engine.feature_cache import FeatureCache, files_fingerprint
-from vladapt.engine.workers import unwrapped
+from vladapt.engine.feature_cache import FeatureCache
+from vladapt.io import files_fingerprint
+from vladapt.data.workers import unwrapped
 
 
 class FrozenFeatures:

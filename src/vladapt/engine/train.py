@@ -35,7 +35,7 @@ from vladapt.data.dataset import load_image
 from vladapt.engine import distributed as dist
 from vladapt.engine.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from vladapt.engine.precision import precision_name
-from vladapt.engine.workers import unwrapped
+from vladapt.data.workers import unwrapped
 from vladapt.errors import ConfigError, VladaptError
 from vladapt.io import atomic_write_text, check_writable, dumps
 from vladapt.methods.base import StepInfo
