@@ -16,11 +16,11 @@ peak RSS is measured per configuration:
 * ``vladapt bf16`` with ``--bf16`` (on a CPU without native bf16 instructions this is very slow).
 
 Printed per column: seconds per step (best of ``--steps`` after a warm-up), images/s, speed-up
-over the reference, the FLOPs of one step (counted with ``torch.utils.flop_counter`` during the
-warm-up, with a formula for grouped-convolution gradients that counts their real work), the
+over the reference, the FLOPs of one step (counted with ``torch.utils.flop_counter`` after the
+timing, with a formula for grouped-convolution gradients that counts their real work), the
 achieved GFLOP/s and its fraction of this CPU's matmul peak (measured in its own process in the
-same run), and peak RSS. ``--profile`` adds the top-10 operators of vladapt's fp32 step
-(``torch.profiler``, by self CPU time).
+same run), and peak RSS (of the warm-up and timed steps). ``--profile`` adds the top-10 operators
+of vladapt's fp32 step (``torch.profiler``, by self CPU time).
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def child_vladapt(precision: str, steps: int, batch: int, classes: int, threads:
 
     def step():  # what the engine's fit does per step
         info = StepInfo(0, 0, torch.Generator().manual_seed(0), labels, slice(0, batch), batch)
+        opt.zero_grad(set_to_none=True)
         with autocast_context(precision, "cpu"):
             out = heba.training_step(images, labels, info)
-        opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if not _all_finite([p.grad for p in params]):
             raise SystemExit("non-finite gradient")
@@ -74,17 +74,18 @@ def child_vladapt(precision: str, steps: int, batch: int, classes: int, threads:
         seen["classes"] = out.logits.shape[1]
 
     heba.train()
-    gflop = counted_gflop(step)  # also the warm-up
+    step()  # warm-up
     t = best_time(step, steps)
-    res = {"name": f"vladapt {precision}", "seconds": t, "gflop": gflop, "classes_in_step": seen["classes"],
-           "trainable_parameters": heba.num_trainable_parameters(), "threads": torch.get_num_threads()}
+    rss = _rss_gib()  # before the FLOP counter and the profiler add their own memory
+    res = {"name": f"vladapt {precision}", "seconds": t, "gflop": counted_gflop(step), "peak_rss_gib": rss,
+           "classes_in_step": seen["classes"], "trainable_parameters": heba.num_trainable_parameters(),
+           "threads": torch.get_num_threads()}
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
 
         with prof(activities=[ProfilerActivity.CPU]) as p:
             step()
         res["profile"] = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
-    res["peak_rss_gib"] = _rss_gib()
     return res
 
 
@@ -135,11 +136,11 @@ def child_reference(checkout: str, steps: int, batch: int, classes: int, threads
         trainer.forward_backward({"img": images, "label": labels})
         opt.step()
 
-    gflop = counted_gflop(step)
+    step()  # warm-up
     t = best_time(step, steps)
-    return {"name": "reference fp32", "seconds": t, "gflop": gflop,
-            "trainable_parameters": sum(p.numel() for p in params), "threads": torch.get_num_threads(),
-            "peak_rss_gib": _rss_gib()}
+    rss = _rss_gib()
+    return {"name": "reference fp32", "seconds": t, "gflop": counted_gflop(step), "peak_rss_gib": rss,
+            "trainable_parameters": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
 
 
 # --------------------------------------------------------------------------- driver

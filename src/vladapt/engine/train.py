@@ -334,6 +334,8 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
             info = StepInfo(epoch=epoch, step=step,
                             generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 4, step)),
                             global_labels=labels_all[b], local=_shard(b, world, rank), batch_size=cfg.batch_size)
+            # the previous step's gradients go before the forward pass: they are not held beside its activations
+            optimizer.zero_grad(set_to_none=True)
             with autocast_context(precision, device):
                 if source is not None:
                     out = method.feature_step(images.to(device), labels.to(device), info)
@@ -347,7 +349,6 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
                 what = ("the loss of another process is not finite" if local_finite
                         else f"the loss is {float(out.loss.detach())}")
                 raise _diverged(what, epoch, step, len(batches), cfg, run_dir)
-            optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(out.loss).backward()
                 scaler.unscale_(optimizer)
