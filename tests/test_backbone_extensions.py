@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vladapt.backbones import LINEAR_POINT_KINDS, CLIPConfig, CLIPModel, InsertionPoint
+from vladapt.backbones import LINEAR_POINT_KINDS, CLIPConfig, CLIPModel, ForwardContext, InsertionPoint
 from vladapt.backbones.model import Attention, Block, _causal_mask
 from vladapt.errors import BackboneError
 
@@ -334,8 +334,12 @@ def test_outputs_are_bit_identical_to_the_previous_forward(tiny, images, tokens,
         def run():
             outs = []
             for grad in (False, True):  # SDPA, then the explicit-softmax training path
+                # every token through the last image block, as the previous forward computed it (the
+                # CLS-only tail is checked against the full block in test_backbone_points.py)
+                ctx = ForwardContext()
+                ctx.cls_only_tail = False
                 with torch.set_grad_enabled(grad):
-                    outs += [m.encode_image(images).detach(), m.encode_text(tokens).detach()]
+                    outs += [m.encode_image(images, ctx).detach(), m.encode_text(tokens).detach()]
             return outs
 
         new = run()
