@@ -76,6 +76,12 @@ def test_changed_backbone_transform_seed_or_file_is_a_miss(colors, tiny, tmp_pat
     f.encode(splits.val, splits.image_root, tiny.test_transform, "val")
     assert cache.misses == 5
     monkeypatch.undo()
+    import vladapt.engine.features as features
+
+    monkeypatch.setattr(features, "ENCODER_VERSION", features.ENCODER_VERSION + 1)  # the encoder's arithmetic changed
+    f.encode(splits.val, splits.image_root, tiny.test_transform, "val")
+    assert cache.misses == 6
+    monkeypatch.undo()
     image = splits.image_root / splits.val[0].path
     st = os.stat(image)
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed

@@ -24,6 +24,11 @@ from vladapt.io import files_fingerprint
 from vladapt.data.workers import unwrapped
 
 
+# Bumped when the image encoder's arithmetic changes (even in the last bits), so that cached features
+# always equal what the current code computes.
+ENCODER_VERSION = 2
+
+
 class FrozenFeatures:
     """``image_features(split, augment_passes)`` of ``splits`` through the frozen ``backbone``.
 
@@ -60,7 +65,9 @@ class FrozenFeatures:
         model = self.backbone.model
         parts = {"kind": "image_features", "backbone": self.backbone.fingerprint, "dtype": str(model.dtype),
                  "transform": repr(transform), "augment": list(augment) if augment else None,
-                 "files": files_fingerprint(image_root / d.path for d in items), "n": len(items)}
+                 "files": files_fingerprint(image_root / d.path for d in items), "n": len(items),
+                 # the encoder's computation: 2 = the last block computes the CLS token alone (other last bits)
+                 "encoder": ENCODER_VERSION}
 
         def compute() -> Tensor:
             if augment is None:
