@@ -89,42 +89,26 @@ def child_vladapt(precision: str, steps: int, batch: int, classes: int, threads:
     return res
 
 
-def _random_vit_b16_state_dict() -> dict:
-    """ViT-B/16 random weights under OpenAI's parameter names (vladapt's are the same), rounded to fp16
-    as OpenAI's checkpoints are."""
-    from vladapt.backbones import load_clip
-
-    model = load_clip("ViT-B-16-quickgelu").model
-    return {k: v.detach().to(torch.float16).clone() for k, v in model.state_dict().items()}
-
-
 def child_reference(checkout: str, steps: int, batch: int, classes: int, threads: int) -> dict:
-    import importlib
-    import tempfile
-
     import parity_common as pc
 
     torch.set_num_threads(threads)
-    pc.prepare_checkout(Path(checkout))
     stub = type(sys)("trainers.gpt3_prompts")  # the released module does not import (see parity_heba.py)
     stub.load_CuPL_templates = lambda dataset_name: {}
-    sys.modules["trainers.gpt3_prompts"] = stub
-    clip = importlib.import_module("clip.clip")
-    heba = importlib.import_module("trainers.heba")
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "vit_b16_fp16.pt"
-        torch.save(_random_vit_b16_state_dict(), weights)
-        pc.point_loader_at(clip, "ViT-B/16", weights)
-        cfg = {
-            "MODEL": {"BACKBONE": {"NAME": "ViT-B/16"}, "INIT_WEIGHTS": ""},
-            "INPUT": {"SIZE": [224, 224]},
-            "DATASET": {"NAME": "Benchmark"},
-            "OPTIM": {},
-            "TRAINER": {"HeBA": {"PREC": "fp32", "ADAPTER_START": 1, "ADAPTER_END": 12, "ADAPTER_SCALE_BASE": 0.025,
-                                 "ADAPTER_SCALE_NOVEL": 0.010, "ADAPTER_SCALE_FACTOR": 2.25, "SLOW_FAST_RATIO": 0.8,
-                                 "NEG_SAMPLING_RATIO": 5, "TEXT_CTX_INIT": "a photo of a"}},
-        }
-        torch.manual_seed(0)
+    # ViT-B/16 random weights under OpenAI's names, rounded to fp16 as OpenAI's checkpoints are
+    heba, _, tmp = pc.load_reference(Path(checkout), "heba", {"trainers.gpt3_prompts": stub},
+                                     state_dict=pc.fp16_state_dict("ViT-B-16-quickgelu"), backbone_name="ViT-B/16")
+    cfg = {
+        "MODEL": {"BACKBONE": {"NAME": "ViT-B/16"}, "INIT_WEIGHTS": ""},
+        "INPUT": {"SIZE": [224, 224]},
+        "DATASET": {"NAME": "Benchmark"},
+        "OPTIM": {},
+        "TRAINER": {"HeBA": {"PREC": "fp32", "ADAPTER_START": 1, "ADAPTER_END": 12, "ADAPTER_SCALE_BASE": 0.025,
+                             "ADAPTER_SCALE_NOVEL": 0.010, "ADAPTER_SCALE_FACTOR": 2.25, "SLOW_FAST_RATIO": 0.8,
+                             "NEG_SAMPLING_RATIO": 5, "TEXT_CTX_INIT": "a photo of a"}},
+    }
+    torch.manual_seed(0)
+    with tmp:
         trainer = pc.build_trainer(heba.HeBA, cfg, [f"class number {i}" for i in range(classes)])
     images = torch.randn(batch, 3, 224, 224)
     labels = torch.arange(batch) % classes

@@ -50,12 +50,18 @@ def round_to_fp16_(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def tiny_fp16_state_dict() -> dict[str, Tensor]:
-    """The tiny backbone as an OpenAI-style fp16 state dict (vladapt's parameter names are OpenAI's)."""
+def fp16_state_dict(name: str, **load_kwargs) -> dict[str, Tensor]:
+    """vladapt's backbone ``name`` (``load_clip(name, **load_kwargs)``) as an OpenAI-style fp16 state
+    dict (vladapt's parameter names are OpenAI's; OpenAI's checkpoints are fp16)."""
     from vladapt.backbones import load_clip
 
-    model = load_clip(TINY_NAME, seed=TINY_SEED).model
+    model = load_clip(name, **load_kwargs).model
     return {k: v.detach().to(torch.float16).clone() for k, v in model.state_dict().items()}
+
+
+def tiny_fp16_state_dict() -> dict[str, Tensor]:
+    """The tiny backbone of the parity fixtures as an fp16 state dict."""
+    return fp16_state_dict(TINY_NAME, seed=TINY_SEED)
 
 
 def fingerprint(state_dict: dict[str, Tensor]) -> str:
@@ -218,11 +224,13 @@ def ns(d: dict) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{k: ns(v) if isinstance(v, dict) else v for k, v in d.items()})
 
 
-def load_reference(checkout: Path, trainer_module: str, stubs: dict[str, types.ModuleType] | None = None):
+def load_reference(checkout: Path, trainer_module: str, stubs: dict[str, types.ModuleType] | None = None,
+                   state_dict: dict[str, Tensor] | None = None, backbone_name: str = TINY_NAME):
     """Import ``trainers.<trainer_module>`` from the checkout with the framework stubs (plus ``stubs``,
     e.g. a replacement for a module of the checkout that does not import) and point the reference
-    loader at the tiny backbone's fp16 weights. Returns ``(trainer module, fp16 state dict, tmp dir)``;
-    keep the temporary directory alive while the reference runs."""
+    loader's ``backbone_name`` at ``state_dict`` (default: the tiny backbone's fp16 weights).
+    Returns ``(trainer module, fp16 state dict, tmp dir)``; keep the temporary directory alive
+    while the reference runs."""
     import importlib
     import tempfile
 
@@ -230,11 +238,11 @@ def load_reference(checkout: Path, trainer_module: str, stubs: dict[str, types.M
     sys.modules.update(stubs or {})
     clip = importlib.import_module("clip.clip")
     module = importlib.import_module(f"trainers.{trainer_module}")
-    sd16 = tiny_fp16_state_dict()
+    sd16 = tiny_fp16_state_dict() if state_dict is None else state_dict
     tmp = tempfile.TemporaryDirectory()
-    weights_file = Path(tmp.name) / "tiny_fp16.pt"
+    weights_file = Path(tmp.name) / "backbone_fp16.pt"
     torch.save(sd16, weights_file)
-    point_loader_at(clip, TINY_NAME, weights_file)
+    point_loader_at(clip, backbone_name, weights_file)
     return module, sd16, tmp
 
 
