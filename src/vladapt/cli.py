@@ -69,9 +69,9 @@ def _add_protocol_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _dtype(args: argparse.Namespace):
     """The backbone's storage dtype for ``--precision`` (``auto``: the fastest one on ``--device``)."""
-    from vladapt.engine.precision import precision_dtype, resolve_precision
+    from vladapt.engine.precision import storage_dtype
 
-    return precision_dtype(resolve_precision(args.precision, args.device))
+    return storage_dtype(args.precision, args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -363,10 +363,10 @@ def _backbone(job: Job):
     key = (job.model, job.pretrained, job.device, job.precision)
     if key not in _BACKBONES:
         from vladapt.backbones import load_clip
-        from vladapt.engine.precision import precision_dtype, resolve_precision
+        from vladapt.engine.precision import storage_dtype
 
-        dtype = precision_dtype(resolve_precision(job.precision, job.device))
-        _BACKBONES[key] = load_clip(job.model, job.pretrained, device=job.device, dtype=dtype)
+        _BACKBONES[key] = load_clip(job.model, job.pretrained, device=job.device,
+                                    dtype=storage_dtype(job.precision, job.device))
     return _BACKBONES[key]
 
 

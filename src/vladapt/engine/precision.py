@@ -22,7 +22,7 @@ import torch
 from vladapt.errors import ConfigError
 
 __all__ = ["PRECISIONS", "auto_precision", "cpu_bf16_instructions", "precision_dtype", "precision_name",
-           "resolve_precision"]
+           "resolve_precision", "storage_dtype"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -112,6 +112,11 @@ def precision_dtype(precision: str) -> torch.dtype:
     if precision not in _DTYPES:
         raise ConfigError(f"precision {precision!r} has no dtype; resolve 'auto' with resolve_precision first")
     return _DTYPES[precision]
+
+
+def storage_dtype(precision: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype to store the frozen backbone in for ``precision`` (``auto`` resolved on ``device``)."""
+    return precision_dtype(resolve_precision(precision, device))
 
 
 def precision_name(dtype: torch.dtype) -> str:
