@@ -11,6 +11,7 @@ import pytest
 import vladapt
 from vladapt.bench.grid import result_summary, run_grid, summary_line
 from vladapt.cli import main
+from vladapt.engine.precision import storage_dtype
 from vladapt.errors import ConfigError
 from vladapt.protocols.runner import RunSettings
 
@@ -37,8 +38,9 @@ def test_run_grid_writes_the_records_the_cli_writes(folder, tmp_path, capsys):
                  "--model", "vladapt-test-tiny", "--shots", "2", "--seeds", "1", "2", "--out", str(cli_out),
                  "--quiet"]) == 0
     printed = capsys.readouterr().out
-    settings = RunSettings(backbone=vladapt.load_clip("vladapt-test-tiny"), root=folder, method="zeroshot",
-                           progress=False)
+    # the CLI's default precision is auto (bf16 on a CPU with native bf16): the library gets the same backbone
+    settings = RunSettings(backbone=vladapt.load_clip("vladapt-test-tiny", dtype=storage_dtype("auto")), root=folder,
+                           method="zeroshot", progress=False)
     seen = []
     records = run_grid(settings, "base2new", "folder", shots=[2], seeds=[1, 2], out=lib_out,
                        on_record=lambda rec, path: seen.append(path))
@@ -56,8 +58,9 @@ def test_run_grid_writes_the_records_the_cli_writes(folder, tmp_path, capsys):
 
 
 def test_shots_below_one_are_refused_before_any_work(folder, tmp_path):
-    settings = RunSettings(backbone=vladapt.load_clip("vladapt-test-tiny"), root=folder, method="zeroshot",
-                           progress=False)
+    # the CLI's default precision is auto (bf16 on a CPU with native bf16): the library gets the same backbone
+    settings = RunSettings(backbone=vladapt.load_clip("vladapt-test-tiny", dtype=storage_dtype("auto")), root=folder,
+                           method="zeroshot", progress=False)
     for shots in (0, -3, [2, 0]):
         with pytest.raises(ConfigError, match="shots must be whole numbers of at least 1 image per class"):
             run_grid(settings, "fewshot", "folder", shots=shots, out=tmp_path / "out")
@@ -67,8 +70,9 @@ def test_shots_below_one_are_refused_before_any_work(folder, tmp_path):
 def test_only_the_main_process_writes(folder, tmp_path, monkeypatch):
     from vladapt.engine import distributed
 
-    settings = RunSettings(backbone=vladapt.load_clip("vladapt-test-tiny"), root=folder, method="zeroshot",
-                           progress=False)
+    # the CLI's default precision is auto (bf16 on a CPU with native bf16): the library gets the same backbone
+    settings = RunSettings(backbone=vladapt.load_clip("vladapt-test-tiny", dtype=storage_dtype("auto")), root=folder,
+                           method="zeroshot", progress=False)
     with pytest.raises(ConfigError, match="not both"):
         run_grid(settings, "fewshot", "folder", out=tmp_path, train_config=object(), checkpoint=tmp_path)
     monkeypatch.setattr(distributed, "is_main", lambda: False)  # a helper process of a data-parallel run

@@ -211,9 +211,28 @@ def test_train_precision_follows_the_backbone_dtype():
     assert train_precision("auto", torch.bfloat16) == "bf16"
     assert train_precision("auto", torch.float16) == "fp16"
     assert train_precision("auto", torch.float64) == "fp32"
-    # an explicit train.precision is kept whatever the backbone is stored in
-    assert train_precision("fp32", torch.bfloat16) == "fp32"
+    # an explicit train.precision is kept: bf16/fp16 autocast over an fp32 backbone
+    assert train_precision("fp32", torch.float32) == "fp32"
     assert train_precision("bf16", torch.float32) == "bf16"
+    assert train_precision("fp16", torch.float32) == "fp16"
+    # fp32 training over a bf16/fp16 backbone would compute its layers in bf16/fp16: refused, saying what to do
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        with pytest.raises(ConfigError, match=f"needs a backbone stored in fp32, but it is stored in {name}.*"
+                                              "--precision fp32"):
+            train_precision("fp32", dtype)
+
+
+def test_an_explicit_train_precision_outranks_auto_for_the_backbone(monkeypatch):
+    monkeypatch.setattr(P, "cpu_bf16_instructions", lambda: "avx512_bf16")
+    assert P.storage_dtype("auto") == P.storage_dtype("auto", train="auto") == torch.bfloat16
+    assert P.storage_dtype("auto", train="fp32") == torch.float32
+    monkeypatch.setattr(P, "cpu_bf16_instructions", lambda: None)
+    assert P.storage_dtype("auto", train=None) == torch.float32
+    assert P.storage_dtype("auto", train="bf16") == torch.bfloat16
+    # an explicit backbone precision is kept (bf16 autocast over fp32 weights is a valid run)
+    assert P.storage_dtype("fp32", train="bf16") == torch.float32
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        P.storage_dtype("auto", "cpu", train="fp16")
 
 
 # ---------------------------------------------------------------------------- CLI, records, bench
@@ -294,6 +313,12 @@ def test_cli_runs_load_the_backbone_auto_picks_and_records_name_it(shapes, tmp_p
     assert zeroshot["precision"] == {"backbone": expected, "train": None}  # nothing was trained
     assert adapter["precision"] == {"backbone": expected, "train": expected}
     assert adapter["trained"] and 0 <= adapter["results"]["test"]["accuracy"] <= 100
+    # train.precision=fp32 asks for fp32 on any machine: the backbone is loaded in fp32 for it
+    assert main(["train", "--method", "clip_adapter", *common[:-3], "--out", str(tmp_path / "fp32"), "--quiet",
+                 "train.epochs=1", "train.warmup_epochs=0", "train.precision=fp32"]) == 0
+    assert loaded[-1] == torch.float32
+    fp32 = json.loads((tmp_path / "fp32/fewshot/clip_adapter/synth_shapes/shots_1-seed_1.json").read_text())
+    assert fp32["precision"] == {"backbone": "fp32", "train": "fp32"}
 
 
 def test_bench_precision_is_checked_and_resolved_per_worker(shapes, tmp_path, monkeypatch, capsys):
@@ -315,9 +340,13 @@ def test_bench_precision_is_checked_and_resolved_per_worker(shapes, tmp_path, mo
     assert not (tmp_path / "out").exists()  # refused before any run
     # a worker resolves auto on its own machine
     monkeypatch.setattr(bench, "_BACKBONES", {})
-    job = SimpleNamespace(model="vladapt-test-tiny", pretrained=None, device="cpu", precision="auto")
+    job = SimpleNamespace(model="vladapt-test-tiny", pretrained=None, device="cpu", precision="auto", train_config=None)
     monkeypatch.setattr(P, "cpu_bf16_instructions", lambda: "amx_bf16")
     assert bench._backbone(job).model.dtype == torch.bfloat16
+    # a run whose train.precision is fp32 gets an fp32 backbone there (auto yields to the explicit choice)
+    fp32_job = SimpleNamespace(**{**vars(job), "train_config": SimpleNamespace(precision="fp32")})
+    assert bench._backbone(fp32_job).model.dtype == torch.float32
+    assert bench._backbone(job).model.dtype == torch.bfloat16  # the two are kept apart
     monkeypatch.setattr(bench, "_BACKBONES", {})
     monkeypatch.setattr(P, "cpu_bf16_instructions", lambda: None)
     assert bench._backbone(job).model.dtype == torch.float32

@@ -67,11 +67,12 @@ def _add_protocol_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _dtype(args: argparse.Namespace):
-    """The backbone's storage dtype for ``--precision`` (``auto``: the fastest one on ``--device``)."""
+def _dtype(args: argparse.Namespace, train: str | None = None):
+    """The backbone's storage dtype for ``--precision`` (``auto``: the fastest one on ``--device``, or
+    the run's explicit ``train.precision``)."""
     from vladapt.engine.precision import storage_dtype
 
-    return storage_dtype(args.precision, args.device)
+    return storage_dtype(args.precision, args.device, train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,7 +423,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     dist.init_distributed(args.device)
     method_config, train_config = resolve_run_config(args.method, args.protocol, args.config, args.overrides)
     backbone = load_clip(args.model or DEFAULT_MODEL, args.pretrained, device=args.device,
-                         dtype=_dtype(args))
+                         dtype=_dtype(args, train_config.precision))
     settings = _settings(args, backbone, args.method, method_config)
     _run_grid(args, settings, args.protocol, args.dataset, args.shots or [16], args.seeds or [1],
               train_config=train_config, resume=args.resume)

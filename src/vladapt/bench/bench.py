@@ -360,13 +360,14 @@ def _set_threads(threads: int) -> None:
 
 
 def _backbone(job: Job):
-    key = (job.model, job.pretrained, job.device, job.precision)
+    from vladapt.engine.precision import storage_dtype
+
+    dtype = storage_dtype(job.precision, job.device, getattr(job.train_config, "precision", None))
+    key = (job.model, job.pretrained, job.device, dtype)
     if key not in _BACKBONES:
         from vladapt.backbones import load_clip
-        from vladapt.engine.precision import storage_dtype
 
-        _BACKBONES[key] = load_clip(job.model, job.pretrained, device=job.device,
-                                    dtype=storage_dtype(job.precision, job.device))
+        _BACKBONES[key] = load_clip(job.model, job.pretrained, device=job.device, dtype=dtype)
     return _BACKBONES[key]
 
 

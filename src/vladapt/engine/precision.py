@@ -114,8 +114,15 @@ def precision_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision]
 
 
-def storage_dtype(precision: str, device: str | torch.device = "cpu") -> torch.dtype:
-    """The dtype to store the frozen backbone in for ``precision`` (``auto`` resolved on ``device``)."""
+def storage_dtype(precision: str, device: str | torch.device = "cpu", train: str | None = None) -> torch.dtype:
+    """The dtype to store the frozen backbone in for ``precision`` (``auto`` resolved on ``device``).
+
+    ``train``: the run's ``train.precision``. When the backbone's precision is ``auto`` and training
+    names one explicitly (``fp32``, ``bf16``, ``fp16``), the backbone is stored in that one: an
+    explicit choice outranks the automatic one (``train.precision=fp32`` on a CPU with native bf16
+    trains in fp32, not with fp32 adapters on a bf16 backbone)."""
+    if precision == "auto" and train not in (None, "auto"):
+        precision = train
     return precision_dtype(resolve_precision(precision, device))
 
 

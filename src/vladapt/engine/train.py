@@ -192,6 +192,10 @@ def train_precision(precision: str, backbone_dtype: torch.dtype) -> str:
     """``auto``: autocast in the precision the frozen backbone is stored in (fp32 master weights);
     the storage precision is what :func:`vladapt.engine.precision.auto_precision` chose for the
     machine when the backbone was loaded with ``precision auto``."""
+    if precision == "fp32" and backbone_dtype != torch.float32:
+        raise ConfigError(f"train.precision=fp32 needs a backbone stored in fp32, but it is stored in "
+                          f"{precision_name(backbone_dtype)} (its layers would compute in that precision); load it "
+                          "with --precision fp32 (load_clip(..., dtype=torch.float32)) or use train.precision=auto")
     if precision != "auto":
         return precision
     return precision_name(backbone_dtype) if backbone_dtype in (torch.bfloat16, torch.float16) else "fp32"
