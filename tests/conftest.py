@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import settings
 
 torch.set_num_threads(2)
+
+# Property tests draw the same examples on every run (the suite, and CI, give one answer per commit);
+# `pytest --hypothesis-profile=explore` draws new random ones on each run, to look for more.
+settings.register_profile("fixed", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile("fixed")
 
 
 @pytest.fixture(scope="session", autouse=True)
