@@ -629,11 +629,16 @@ def _overrides_last(parser: argparse.ArgumentParser, argv: list[str]) -> list[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    entry = argv is None  # the process is the `vladapt` command (not a call from Python code)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(_overrides_last(parser, argv))
     if args.command is None:
         parser.print_help()
         return 0
+    if entry:
+        from vladapt.engine.host_memory import reuse_freed_memory
+
+        reuse_freed_memory()  # large activation blocks are reused, not page-faulted in again every step
     import warnings
 
     try:

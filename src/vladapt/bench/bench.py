@@ -349,6 +349,17 @@ def _init_worker(threads: int) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     _set_threads(threads)
+    from vladapt.engine.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # a worker process is vladapt's own, as the CLI's is
+
+
+def _execute_remote(job: Job) -> dict[str, Any]:
+    """:func:`execute` in a Ray worker (a process of vladapt's runs: large freed blocks are reused)."""
+    from vladapt.engine.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()
+    return execute(job)
 
 
 def _set_threads(threads: int) -> None:
@@ -515,7 +526,7 @@ def _run_ray(spec: BenchSpec, todo: list[Job]) -> Iterator[tuple[Job, dict[str, 
             kwargs["include_dashboard"] = False
         ray.init(**kwargs)
     try:
-        task = ray.remote(num_cpus=todo[0].threads, max_retries=1)(execute)
+        task = ray.remote(num_cpus=todo[0].threads, max_retries=1)(_execute_remote)
         refs = {task.remote(job): job for job in todo}
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
