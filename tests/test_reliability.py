@@ -69,6 +69,39 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(colors, tin
     assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
 
 
+def nan_gradient_at(method, epoch: int, step: int):
+    """Every gradient of one step is NaN (the loss itself stays finite)."""
+    real = method.training_step
+
+    def training_step(images, labels, info):
+        out = real(images, labels, info)
+        if (info.epoch, info.step) == (epoch, step):
+            out.loss.register_hook(lambda g: g * float("nan"))
+        return out
+
+    method.training_step = training_step
+    return method
+
+
+@pytest.mark.parametrize("grad_clip, step, found, where", [
+    (1.0, 0, "a gradient is not finite", "epoch 2, step 1/"),  # the clipping norm finds it at once
+    (None, 0, "the loss is nan", "epoch 2, step 2/"),  # the NaN weights make the next loss NaN
+    (None, -1, "a trained weight is not finite", "epoch 2, step {n}/{n}"),  # the epoch's last step
+])
+def test_a_nan_gradient_stops_the_run_before_a_checkpoint_of_its_epoch(colors, tiny, tmp_path, grad_clip, step,
+                                                                       found, where):
+    splits = load_custom(colors, save_split=False)
+    steps = len(splits.train) // 4
+    assert steps >= 2
+    torch.manual_seed(0)
+    heba = nan_gradient_at(create_method("heba", tiny, splits.classnames), epoch=1, step=step % steps)
+    run = tmp_path / "run"
+    with pytest.raises(VladaptError, match="training diverged") as e:
+        fit(heba, splits, quick_cfg(epochs=3, grad_clip=grad_clip), seed=0, run_dir=run, progress=False)
+    assert found in str(e.value) and where.format(n=steps) in str(e.value)
+    assert json.loads((run / "checkpoint" / "meta.json").read_text())["epoch"] == 1
+
+
 def test_a_huge_learning_rate_exits_non_zero_without_a_record(colors, tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(train_args(colors, out, "train.epochs=3", "train.lr=1000000.0")) == 2

@@ -247,7 +247,10 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
     ``method.resumed_from_epoch`` to the checkpoint's epoch; 0 for a fresh run).
 
     A non-finite loss, gradient or trained weight stops the run with :class:`DivergedError` naming the
-    epoch and step; the checkpoint of the last finished epoch stays as it was.
+    epoch and step; the checkpoint of the last finished epoch stays as it was. The loss is checked
+    every step, the gradients when ``grad_clip`` computes their norm, the weights at the end of each
+    epoch: a non-finite gradient turns the weights it updates non-finite, so without clipping it
+    stops the run at the next step (its loss) or at the end of the epoch, before any checkpoint.
     """
     groups = method.param_groups()
     params = [p for g in groups for p in g["params"]]
@@ -359,11 +362,13 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
             else:
                 out.loss.backward()
             dist.average_gradients(params)
-            # fp16: the scaler skips steps with overflowing gradients and lowers its scale; that is not divergence
-            if scaler is None and not _all_finite([p.grad for p in params]):
-                raise _diverged("a gradient is not finite", epoch, step, len(batches), cfg, run_dir)
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                # fp16: the scaler skips steps with overflowing gradients and lowers its scale; that is not divergence
+                if scaler is None and not bool(torch.isfinite(norm)):
+                    raise _diverged("a gradient is not finite", epoch, step, len(batches), cfg, run_dir)
+            # Without clipping the gradients are not read a second time: a non-finite gradient makes the
+            # weights it updates non-finite, which the next step's loss or the end-of-epoch check finds.
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
