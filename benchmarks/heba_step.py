@@ -12,7 +12,9 @@ peak RSS is measured per configuration:
   ``--reference CHECKOUT`` and run in fp32 as ``parity_heba.py`` runs it (Dassl replaced by stubs,
   the same random ViT-B/16 weights); skipped with a message when no checkout is given;
 * ``vladapt fp32``, and ``vladapt auto`` (the precision ``precision: auto`` picks on this machine,
-  :mod:`vladapt.engine.precision`; when that is fp32 the fp32 column stands for it);
+  :mod:`vladapt.engine.precision`; when that is fp32 the fp32 column stands for it), each in a
+  process set up as the ``vladapt`` command sets up its own (:mod:`vladapt.engine.host_memory`:
+  freed activation blocks are reused; ``VLADAPT_TUNE_MALLOC=0`` measures without that);
 * ``vladapt bf16`` with ``--bf16`` (on a CPU without native bf16 instructions this is very slow).
 
 Printed per column: seconds per step (best of ``--steps`` after a warm-up), images/s, speed-up
@@ -20,7 +22,8 @@ over the reference, the FLOPs of one step (counted with ``torch.utils.flop_count
 timing, with a formula for grouped-convolution gradients that counts their real work), the
 achieved GFLOP/s and its fraction of this CPU's matmul peak (measured in its own process in the
 same run), and peak RSS (of the warm-up and timed steps). ``--profile`` adds the top-10 operators
-of vladapt's fp32 step (``torch.profiler``, by self CPU time).
+of each vladapt column's step (``torch.profiler``, by self CPU time), the matrix products' share of
+that step and the GFLOP/s they reach in it.
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ def _rss_gib() -> float:
 # --------------------------------------------------------------------------- children
 def child_vladapt(precision: str, steps: int, batch: int, classes: int, threads: int, profile: bool) -> dict:
     from vladapt.backbones import load_clip
+    from vladapt.engine.host_memory import reuse_freed_memory
     from vladapt.engine.precision import precision_dtype
     from vladapt.engine.runconfig import resolve_run_config
-    from vladapt.engine.train import StepInfo, _all_finite, autocast_context, build_optimizer
+    from vladapt.engine.train import StepInfo, autocast_context, build_optimizer
     from vladapt.methods import create_method
 
+    reuse_freed_memory()  # as the vladapt command does (VLADAPT_TUNE_MALLOC=0 measures without it)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     bb = load_clip("ViT-B-16-quickgelu", dtype=precision_dtype(precision))
@@ -67,9 +72,9 @@ def child_vladapt(precision: str, steps: int, batch: int, classes: int, threads:
         opt.zero_grad(set_to_none=True)
         with autocast_context(precision, "cpu"):
             out = heba.training_step(images, labels, info)
+        if not torch.isfinite(out.loss.detach()):
+            raise SystemExit("non-finite loss")
         out.loss.backward()
-        if not _all_finite([p.grad for p in params]):
-            raise SystemExit("non-finite gradient")
         opt.step()
         seen["classes"] = out.logits.shape[1]
 
@@ -85,8 +90,15 @@ def child_vladapt(precision: str, steps: int, batch: int, classes: int, threads:
 
         with prof(activities=[ProfilerActivity.CPU]) as p:
             step()
-        res["profile"] = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+        ops = p.key_averages()
+        res["profile"] = ops.table(sort_by="self_cpu_time_total", row_limit=10)
+        # the matrix products' share of the profiled step (self time, microseconds)
+        res["matmul_share"] = (sum(e.self_cpu_time_total for e in ops if e.key in MATMUL_OPS)
+                               / sum(e.self_cpu_time_total for e in ops))
     return res
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
 
 def child_reference(checkout: str, steps: int, batch: int, classes: int, threads: int) -> dict:
@@ -149,7 +161,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=50)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--bf16", action="store_true", help="also time vladapt in bf16 (slow without native bf16)")
-    ap.add_argument("--profile", action="store_true", help="print the top-10 operators of vladapt's fp32 step")
+    ap.add_argument("--profile", action="store_true", help="print the top-10 operators of each vladapt column's step")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -160,7 +172,7 @@ def main() -> None:
             res = child_reference(args.reference, args.steps, args.batch, args.classes, args.threads)
         else:
             res = child_vladapt(args.child[1], args.steps, args.batch, args.classes, args.threads,
-                                args.profile and args.child[1] == "fp32")
+                                args.profile)
         print(json.dumps(res))
         return
 
@@ -205,6 +217,10 @@ def main() -> None:
     row("fraction of the matmul peak", frac)
     row("step at the peak (s)", lambda c: f"{c['gflop'] / (peak['bf16'] if 'bf16' in c['name'] else peak['fp32']):.2f}")
     row("peak RSS (GiB)", lambda c: f"{c['peak_rss_gib']:.2f}")
+    if any("matmul_share" in c for c in cols):  # --profile: how far the matrix products alone are from the peak
+        row("matmul share of the step", lambda c: f"{100 * c['matmul_share']:.0f}%" if "matmul_share" in c else "-")
+        row("matmul GFLOP/s (of its share)",
+            lambda c: f"{c['gflop'] / (c['seconds'] * c['matmul_share']):.1f}" if "matmul_share" in c else "-")
     for c in cols:
         if c.get("profile"):
             print(f"\n{c['name']}: top-10 operators of one step\n{c['profile']}")

@@ -25,14 +25,17 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def matmul_peak(threads: int | None = None) -> dict[str, float]:
-    """GFLOP/s of this CPU's matrix multiply with the current (or ``threads``) torch threads: fp32 on
-    the large shapes of a ViT-B/16 step (the better of two), bf16 on a small square one (bf16 without
-    native instructions is emulated and slow)."""
+    """GFLOP/s of this CPU's matrix multiply with the current (or ``threads``) torch threads, the best
+    of the large shapes of a ViT-B/16 step and a square one; bf16 on a small square one only when
+    the CPU has no native bf16 instructions (it is emulated and slow there)."""
+    from vladapt.engine.precision import cpu_bf16_instructions
+
     if threads is not None:
         torch.set_num_threads(threads)
+    large = [(3152, 768, 3072), (3152, 3072, 768), (2048, 2048, 2048)]
     out = {}
-    for name, dtype, shapes in (("fp32", torch.float32, [(3152, 768, 3072), (2048, 2048, 2048)]),
-                                ("bf16", torch.bfloat16, [(512, 512, 512)])):
+    for name, dtype, shapes in (("fp32", torch.float32, large),
+                                ("bf16", torch.bfloat16, large if cpu_bf16_instructions() else [(512, 512, 512)])):
         best = 0.0
         for m, k, n in shapes:
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
