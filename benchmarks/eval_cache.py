@@ -1,6 +1,7 @@
 """Evaluation throughput without and with the decoded-image cache, side by side.
 
     python benchmarks/eval_cache.py [--threads 1] [--images 500] [--vit-images 32] [--batch-size 64] [--repeats 2]
+                                    [--precision auto]
 
 Writes generated JPEGs (500 x 375 px, like a photo dataset) to a temporary folder and evaluates
 zero-shot CLIP on them through the protocol runner (``evaluate_items``) three times: without the
@@ -77,13 +78,13 @@ def fastest(runs: list[tuple[float, float, float]]) -> tuple[float, float, float
 
 
 def run_case(model: str, items: list, folder: Path, cache: Path, batch_size: int, workers: int,
-             repeats: int) -> dict[str, tuple[float, float, float]]:
+             repeats: int, dtype: torch.dtype) -> dict[str, tuple[float, float, float]]:
     from vladapt.backbones import load_clip
     from vladapt.data import DatasetSplits
     from vladapt.methods import create_method
     from vladapt.protocols.runner import RunSettings
 
-    backbone = load_clip(model)  # vladapt-tiny: its bundled weights; ViT-B-16: seeded random weights
+    backbone = load_clip(model, dtype=dtype)  # vladapt-tiny: its bundled weights; ViT-B-16: seeded random weights
     splits = DatasetSplits(name="bench", image_root=folder, train=[], val=[], test=items, classnames=CLASSES)
     method = create_method("zeroshot", backbone, CLASSES)
 
@@ -124,7 +125,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="runs without the cache and hits timed, the fastest reported (default: %(default)s)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="the backbone's precision, as the CLI's --precision (default: %(default)s)")
     args = ap.parse_args()
+    from vladapt.engine.precision import precision_name, storage_dtype
+
+    dtype = storage_dtype(args.precision)
+    name = precision_name(dtype)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
 
@@ -139,11 +146,11 @@ def main() -> None:
         rows = []
         for label, model, subset in cases:
             rates = run_case(model, subset, folder, Path(tmp) / f"cache-{model}", args.batch_size, args.workers,
-                             args.repeats)
+                             args.repeats, dtype)
             rows.append((label, len(subset), rates))
             print(f"  {label}: done", flush=True)
 
-    print(f"\nzero-shot evaluation, {args.threads} torch thread(s), batch size {args.batch_size}, "
+    print(f"\nzero-shot evaluation in {name}, {args.threads} torch thread(s), batch size {args.batch_size}, "
           f"{args.workers} loader worker(s), fastest of {args.repeats}; images per wall second "
           "(per CPU second of this process)\n")
     print("| backbone | images | no cache | cache, first run (build) | cache, second run (hit) "
@@ -152,8 +159,8 @@ def main() -> None:
     for label, n, r in rows:
         cells = " | ".join(f"{r[k][0]:.1f} ({r[k][1]:.1f})" for k in ("plain", "build", "hit"))
         print(f"| {label} | {n} | {cells} | {r['hit'][0] / r['plain'][0]:.2f}x | {r['hit'][1] / r['plain'][1]:.2f}x |")
-    peak = matmul_peak(args.threads)["fp32"]
-    print(f"\nthe model's work at this CPU's fp32 matmul peak ({peak:.1f} GFLOP/s, measured now): the share of the "
+    peak = matmul_peak(args.threads)[name]
+    print(f"\nthe model's work at this CPU's {name} matmul peak ({peak:.1f} GFLOP/s, measured now): the share of the "
           "peak each evaluation reaches\n")
     print("| backbone | GFLOP / image | no cache | cache hit |")
     print("|---|---:|---:|---:|")

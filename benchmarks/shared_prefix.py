@@ -1,6 +1,6 @@
 """Evaluating N checkpoints on one test set: each on its own (plain) vs with a shared frozen prefix.
 
-    python benchmarks/shared_prefix.py [--checkpoints 4] [--images 32] [--batch 16] [--threads 1]
+    python benchmarks/shared_prefix.py [--checkpoints 4] [--images 32] [--batch 16] [--threads 1] [--precision auto]
 
 N MMA / RMAdapter methods with different random adapter weights (alternating), adapting the image
 tower from block k (1-based; ViT-B/16: MMA's default k = 5 of L = 12; vladapt-tiny, 4 blocks:
@@ -47,7 +47,7 @@ def run(model: str, start: int, args) -> tuple:
     from vladapt.backbones import load_clip
     from vladapt.engine.evaluate import evaluate, evaluate_many
 
-    backbone = load_clip(model)  # ViT-B-16: seeded random weights; vladapt-tiny: its bundled weights
+    backbone = load_clip(model, dtype=args.dtype)  # ViT-B-16: seeded random weights; vladapt-tiny: its bundled weights
     size = backbone.image_size
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.images, 3, size, size, generator=g)
@@ -84,11 +84,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--models", nargs="+", default=["ViT-B-16:5", "vladapt-tiny:3"],
                     help="MODEL:K, K the first adapted image-tower block (1-based)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="the backbone's precision, as the CLI's --precision (default: %(default)s)")
     args = ap.parse_args()
+    from vladapt.engine.precision import precision_name, storage_dtype
+
+    args.dtype = storage_dtype(args.precision)
+    name = precision_name(args.dtype)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, fp32")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, {name}")
     rows = [run(spec.rsplit(":", 1)[0], int(spec.rsplit(":", 1)[1]), args) for spec in args.models]
-    peak = matmul_peak()["fp32"]
+    peak = matmul_peak()[name]
     head = ("model", "L", "k", "N", "M", "plain s", "shared s", "speed-up", "ideal", "FLOP ratio",
             "plain % of peak", "shared % of peak")
     print("| " + " | ".join(head) + " |")
@@ -96,7 +102,7 @@ def main() -> None:
     for model, layers, k, n, m, plain_s, shared_s, speedup, ideal, plain_rate, shared_rate, flop_ratio in rows:
         print(f"| {model} | {layers} | {k} | {n} | {m} | {plain_s:.2f} | {shared_s:.2f} | {speedup:.2f}x | {ideal:.2f}x "
               f"| {flop_ratio:.2f}x | {100 * plain_rate / peak:.0f}% | {100 * shared_rate / peak:.0f}% |")
-    print(f"fp32 matmul peak of this CPU, measured now: {peak:.1f} GFLOP/s; FLOP ratio: counted FLOPs plain / shared")
+    print(f"{name} matmul peak of this CPU, measured now: {peak:.1f} GFLOP/s; FLOP ratio: counted FLOPs plain / shared")
     print("results of the two paths: equal (accuracy, per-class counts)")
 
 
