@@ -348,13 +348,13 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
                     out = method.feature_step(images.to(device), labels.to(device), info)
                 else:
                     out = method.training_step(images.to(device), labels.to(device), info)
-            local_finite = bool(torch.isfinite(out.loss.detach()).all())
+            loss_value = float(out.loss.detach())  # one host sync for the check and the epoch's mean
+            local_finite = math.isfinite(loss_value)
             loss_finite = local_finite
             if world > 1:  # every rank stops at the same step
                 loss_finite = dist.all_sum([float(not local_finite)])[0] == 0
             if not loss_finite:
-                what = ("the loss of another process is not finite" if local_finite
-                        else f"the loss is {float(out.loss.detach())}")
+                what = "the loss of another process is not finite" if local_finite else f"the loss is {loss_value}"
                 raise _diverged(what, epoch, step, len(batches), cfg, run_dir)
             if scaler is not None:
                 scaler.scale(out.loss).backward()
@@ -375,7 +375,7 @@ def fit(method, splits: DatasetSplits, cfg: TrainConfig, seed: int, run_dir: str
             else:
                 optimizer.step()
             n = len(labels)
-            loss_sum += float(out.loss.detach()) * n
+            loss_sum += loss_value * n
             count += n
             if out.logits is not None:
                 correct += float((out.logits.detach().argmax(-1) == out.labels).sum())
