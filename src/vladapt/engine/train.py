@@ -191,7 +191,9 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def train_precision(precision: str, backbone_dtype: torch.dtype) -> str:
     """``auto``: autocast in the precision the frozen backbone is stored in (fp32 master weights);
     the storage precision is what :func:`vladapt.engine.precision.auto_precision` chose for the
-    machine when the backbone was loaded with ``precision auto``."""
+    machine when the backbone was loaded with ``precision auto``. An explicit precision is kept;
+    ``fp32`` over a backbone stored in bf16/fp16 is a :class:`ConfigError` (its layers would not
+    compute in fp32)."""
     if precision == "fp32" and backbone_dtype != torch.float32:
         raise ConfigError(f"train.precision=fp32 needs a backbone stored in fp32, but it is stored in "
                           f"{precision_name(backbone_dtype)} (its layers would compute in that precision); load it "
