@@ -4,7 +4,6 @@ folders, worker errors; records keep the train config, checkpoint evaluations an
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
