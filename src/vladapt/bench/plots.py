@@ -49,8 +49,8 @@ def base2new_bar_chart(records: list[dict[str, Any]], path: str | Path, title: s
     # One legend below the panels, where it cannot cover a bar or its label.
     handles = {}
     for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=max(len(handles), 1), fontsize=8,
                frameon=False)
     fig.suptitle(title, fontsize=10)
