@@ -57,9 +57,9 @@ def probe(mode: str, **env) -> dict:
 def test_freed_activation_blocks_are_reused_without_page_faults_unless_turned_off():
     off, tuned = probe("tuned", VLADAPT_TUNE_MALLOC="0"), probe("tuned")
     assert off["applied"] is False and tuned["applied"] is True
-    block = 3152 * 3072 * 4 // 4096  # pages of one activation block
-    # without the setting every step maps its large activations afresh, page by page
-    assert min(off["faults"][2:]) > 8 * block
+    # without the setting every step maps its large activations afresh: as many faults as the first step
+    # (counted per page, or per huge page where the kernel backs them so)
+    assert min(off["faults"][2:]) > off["faults"][0] / 2 > 0
     # with it, once the first steps have grown the heap, the later steps fault in a small fraction
     assert sum(tuned["faults"][2:]) < sum(off["faults"][2:]) / 10
     assert tuned["rss_kib"] < 1.5 * off["rss_kib"]  # the heap holds about what a step's peak needs
