@@ -13,7 +13,7 @@ peak RSS is measured per configuration:
   the same random ViT-B/16 weights); skipped with a message when no checkout is given;
 * ``vladapt fp32``, and ``vladapt auto`` (the precision ``precision: auto`` picks on this machine,
   :mod:`vladapt.engine.precision`; when that is fp32 the fp32 column stands for it), each in a
-  process set up as the ``vladapt`` command sets up its own (:mod:`vladapt.engine.host_memory`:
+  process set up as the ``vladapt`` command sets up its own (:mod:`vladapt.host_memory`:
   freed activation blocks are reused; ``VLADAPT_TUNE_MALLOC=0`` measures without that);
 * ``vladapt bf16`` with ``--bf16`` (on a CPU without native bf16 instructions this is very slow).
 
@@ -49,7 +49,7 @@ def _rss_gib() -> float:
 # --------------------------------------------------------------------------- children
 def child_vladapt(precision: str, steps: int, batch: int, classes: int, threads: int, profile: bool) -> dict:
     from vladapt.backbones import load_clip
-    from vladapt.engine.host_memory import reuse_freed_memory
+    from vladapt.host_memory import reuse_freed_memory
     from vladapt.engine.precision import precision_dtype
     from vladapt.engine.runconfig import resolve_run_config
     from vladapt.engine.train import StepInfo, autocast_context, build_optimizer

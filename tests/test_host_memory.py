@@ -1,4 +1,4 @@
-"""vladapt.engine.host_memory: large freed blocks are reused (no page faults in the next step), in
+"""vladapt.host_memory: large freed blocks are reused (no page faults in the next step), in
 the processes vladapt owns, and not when turned off. Each case runs in a fresh interpreter, since
 the setting is process-wide."""
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 PROBE = r"""
 import json, resource, sys
 import torch
-from vladapt.engine import host_memory
+from vladapt import host_memory
 
 applied = None
 if sys.argv[1] == "tuned":
@@ -66,7 +66,7 @@ def test_freed_activation_blocks_are_reused_without_page_faults_unless_turned_of
 
 
 def test_the_vladapt_command_turns_it_on_and_python_calls_of_main_do_not():
-    code = ("import sys; from vladapt import cli; from vladapt.engine import host_memory; "
+    code = ("import sys; from vladapt import cli, host_memory; "
             "cli.main(['info']); print('python call:', host_memory._applied); "
             "sys.argv = ['vladapt', 'info']; cli.main(); print('command:', host_memory._applied)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

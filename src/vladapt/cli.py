@@ -636,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     if entry:
-        from vladapt.engine.host_memory import reuse_freed_memory
+        from vladapt.host_memory import reuse_freed_memory
 
         reuse_freed_memory()  # large activation blocks are reused, not page-faulted in again every step
     import warnings

@@ -349,14 +349,14 @@ def _init_worker(threads: int) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     _set_threads(threads)
-    from vladapt.engine.host_memory import reuse_freed_memory
+    from vladapt.host_memory import reuse_freed_memory
 
     reuse_freed_memory()  # a worker process is vladapt's own, as the CLI's is
 
 
 def _execute_remote(job: Job) -> dict[str, Any]:
     """:func:`execute` in a Ray worker (a process of vladapt's runs: large freed blocks are reused)."""
-    from vladapt.engine.host_memory import reuse_freed_memory
+    from vladapt.host_memory import reuse_freed_memory
 
     reuse_freed_memory()
     return execute(job)
