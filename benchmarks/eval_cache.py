@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf_common import counted_gflop, matmul_peak  # noqa: E402
+from perf_common import add_precision_option, counted_gflop, matmul_peak, precision_of  # noqa: E402
 
 CLASSES = ["airplane", "bicycle", "bird", "boat", "car", "cat", "dog", "flower", "horse", "truck"]
 
@@ -125,13 +125,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="runs without the cache and hits timed, the fastest reported (default: %(default)s)")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="the backbone's precision, as the CLI's --precision (default: %(default)s)")
+    add_precision_option(ap)
     args = ap.parse_args()
-    from vladapt.engine.precision import precision_name, storage_dtype
-
-    dtype = storage_dtype(args.precision)
-    name = precision_name(dtype)
+    dtype, name = precision_of(args)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
 

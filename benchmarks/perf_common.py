@@ -7,6 +7,7 @@ close to the hardware's limit a path is, not only how it compares with another p
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from typing import Callable
@@ -43,6 +44,20 @@ def matmul_peak(threads: int | None = None) -> dict[str, float]:
             best = max(best, 2 * m * k * n / best_time(lambda: a @ b, 3) / 1e9)
         out[name] = best
     return out
+
+
+def add_precision_option(ap: argparse.ArgumentParser) -> None:
+    """``--precision`` (default auto), as the CLI's: the backbone's storage precision of a benchmark."""
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="the backbone's precision, as the CLI's --precision (default: %(default)s)")
+
+
+def precision_of(args: argparse.Namespace) -> tuple[torch.dtype, str]:
+    """(dtype, name) of ``args.precision`` on this machine (``auto`` resolved as the CLI resolves it)."""
+    from vladapt.engine.precision import precision_name, storage_dtype
+
+    dtype = storage_dtype(args.precision)
+    return dtype, precision_name(dtype)
 
 
 def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf_common import counted_gflop, matmul_peak  # noqa: E402
+from perf_common import add_precision_option, counted_gflop, matmul_peak, precision_of  # noqa: E402
 
 CLASSES = ["cat", "dog", "red star", "blue ring", "green cross", "yellow square", "car", "tree", "house", "boat"]
 
@@ -84,13 +84,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--models", nargs="+", default=["ViT-B-16:5", "vladapt-tiny:3"],
                     help="MODEL:K, K the first adapted image-tower block (1-based)")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="the backbone's precision, as the CLI's --precision (default: %(default)s)")
+    add_precision_option(ap)
     args = ap.parse_args()
-    from vladapt.engine.precision import precision_name, storage_dtype
-
-    args.dtype = storage_dtype(args.precision)
-    name = precision_name(args.dtype)
+    args.dtype, name = precision_of(args)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, {name}")
     rows = [run(spec.rsplit(":", 1)[0], int(spec.rsplit(":", 1)[1]), args) for spec in args.models]
