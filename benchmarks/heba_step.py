@@ -210,12 +210,11 @@ def main() -> None:
     row("GFLOP per step (counted)", lambda c: f"{c['gflop']:.0f}")
     row("achieved GFLOP/s", lambda c: f"{c['gflop'] / c['seconds']:.1f}")
 
-    def frac(c):
-        p = peak["bf16"] if "bf16" in c["name"] else peak["fp32"]
-        return f"{100 * c['gflop'] / c['seconds'] / p:.0f}%"
+    def peak_of(c):  # the matmul peak of the column's precision
+        return peak["bf16"] if "bf16" in c["name"] else peak["fp32"]
 
-    row("fraction of the matmul peak", frac)
-    row("step at the peak (s)", lambda c: f"{c['gflop'] / (peak['bf16'] if 'bf16' in c['name'] else peak['fp32']):.2f}")
+    row("fraction of the matmul peak", lambda c: f"{100 * c['gflop'] / c['seconds'] / peak_of(c):.0f}%")
+    row("step at the peak (s)", lambda c: f"{c['gflop'] / peak_of(c):.2f}")
     row("peak RSS (GiB)", lambda c: f"{c['peak_rss_gib']:.2f}")
     if any("matmul_share" in c for c in cols):  # --profile: how far the matrix products alone are from the peak
         row("matmul share of the step", lambda c: f"{100 * c['matmul_share']:.0f}%" if "matmul_share" in c else "-")
